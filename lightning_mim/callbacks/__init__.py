@@ -1,0 +1,7 @@
+"""Callbacks that work with any LightningModule: EMA teacher, masking, online kNN."""
+
+from lightning_mim.callbacks.ema import EMATeacher
+from lightning_mim.callbacks.knn import OnlineKNN
+from lightning_mim.callbacks.masking import MaskingCallback
+
+__all__ = ["EMATeacher", "MaskingCallback", "OnlineKNN"]

@@ -1,0 +1,17 @@
+"""Data: image-folder and bundled-sample data modules, robust datasets, view transforms."""
+
+from lightning_mim.data.datamodule import ImageNetDataModule, SampleDataModule, load_sample
+from lightning_mim.data.folder import ImageFolderDataset, TensorImageDataset, decode_rgb
+from lightning_mim.data.views import ConMIMViews, EvalView, normalize
+
+__all__ = [
+    "ConMIMViews",
+    "EvalView",
+    "ImageFolderDataset",
+    "ImageNetDataModule",
+    "SampleDataModule",
+    "TensorImageDataset",
+    "decode_rgb",
+    "load_sample",
+    "normalize",
+]

@@ -1,0 +1,213 @@
+"""Data modules: an image folder (ImageNet layout) and the bundled sample set."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import decode_jpeg
+
+from lightning_mim.data.folder import ImageFolderDataset, TensorImageDataset
+
+__all__ = ["ImageNetDataModule", "SampleDataModule"]
+
+ViewFn = Callable[[Tensor], dict[str, Tensor]]
+SAMPLE_FILE = Path(__file__).parent / "sample" / "cifar10_sample.pt"
+
+
+class _Viewed(Protocol):
+    def with_transform(self, transform: ViewFn) -> Any: ...
+    def __len__(self) -> int: ...
+
+
+class _ViewsDataModule(pl.LightningDataModule):
+    """Loaders over a train / val split pair; the method module supplies the view transforms.
+
+    Training items are the method's views (``pl_module.train_views()``, e.g. ``images`` and
+    ``teacher_images``) plus ``labels``; validation items and the kNN bank use
+    ``pl_module.eval_views()``. Pass ``train_views`` / ``eval_views`` to override them.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_workers: int,
+        train_views: ViewFn | None,
+        eval_views: ViewFn | None,
+        pin_memory: bool,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.train_views = train_views
+        self.eval_views = eval_views
+        self.pin_memory = pin_memory
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self._bank: Dataset | None = None
+
+    def _sources(self) -> tuple[_Viewed, _Viewed | None]:
+        """The train and (optional) val datasets, transform not yet chosen."""
+        raise NotImplementedError
+
+    def _views(self, name: str) -> ViewFn:
+        chosen = getattr(self, name)
+        if chosen is not None:
+            return chosen
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        factory = getattr(module, name, None)
+        if not callable(factory):
+            raise ValueError(
+                f"no {name} given: pass `{name}` to the data module or use a LightningModule with a {name}() method"
+            )
+        return factory()
+
+    def setup(self, stage: str) -> None:
+        train, val = self._sources()
+        self.train_set = train.with_transform(self._views("train_views"))
+        eval_views = self._views("eval_views")
+        self._bank = train.with_transform(eval_views)
+        self.val_set = val.with_transform(eval_views) if val is not None else None
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None, "call setup() first"
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._loader(self.val_set, train=False) if self.val_set is not None else []
+
+    def knn_datasets(self) -> tuple[Dataset, Dataset] | None:
+        """(bank, queries) for :class:`~lightning_mim.callbacks.OnlineKNN`: train and val images, eval view."""
+        if self._bank is None or self.val_set is None:
+            return None
+        return self._bank, self.val_set
+
+
+class ImageNetDataModule(_ViewsDataModule):
+    """Images in the ImageFolder layout: ``root/train/<class>/*`` and ``root/val/<class>/*``.
+
+    Any folder of images works for pre-training: when ``root/<train_dir>`` does not exist, ``root``
+    itself is the training set (class sub-folders optional; labels are -1 without them) and there is
+    no validation. Workers decode to uint8 and apply the views; unreadable files are skipped with a
+    warning (see :class:`ImageFolderDataset`).
+
+    Args:
+        root: Dataset root.
+        batch_size: Images per device per step (global batch = batch_size x devices x nodes x
+            accumulate_grad_batches).
+        num_workers: Loader processes per device.
+        train_dir: Training sub-folder.
+        val_dir: Validation sub-folder (skipped if absent).
+        train_views: Training view transform; default: the method's ``train_views()``.
+        eval_views: Evaluation transform; default: the method's ``eval_views()``.
+        pin_memory: Pin host memory when CUDA is available.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        batch_size: int = 64,
+        num_workers: int = 8,
+        train_dir: str = "train",
+        val_dir: str = "val",
+        train_views: ViewFn | None = None,
+        eval_views: ViewFn | None = None,
+        pin_memory: bool = True,
+    ) -> None:
+        super().__init__(batch_size, num_workers, train_views, eval_views, pin_memory)
+        self.root = Path(root).expanduser()
+        self.train_dir = train_dir
+        self.val_dir = val_dir
+        self._scanned: tuple[ImageFolderDataset, ImageFolderDataset | None] | None = None
+
+    def _sources(self) -> tuple[ImageFolderDataset, ImageFolderDataset | None]:
+        if self._scanned is None:
+            if not self.root.is_dir():
+                raise FileNotFoundError(f"data root not found: {self.root}")
+            train_root = self.root / self.train_dir
+            if not train_root.is_dir():
+                train_root = self.root
+            val_root = self.root / self.val_dir
+            identity: ViewFn = lambda image: {"images": image}  # noqa: E731 - replaced in setup()
+            val = ImageFolderDataset(val_root, identity) if val_root.is_dir() and train_root != self.root else None
+            self._scanned = (ImageFolderDataset(train_root, identity), val)
+        return self._scanned
+
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable training images met so far."""
+        return sum(d.num_skipped for d in (self.train_set, self.val_set) if isinstance(d, ImageFolderDataset))
+
+
+def load_sample(split: str) -> tuple[Tensor, Tensor, list[str]]:
+    """The bundled sample split (``"train"``: 9,000 images, ``"test"``: 1,000) as uint8 (M, 3, 32, 32), labels, classes."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    payload = torch.load(SAMPLE_FILE, weights_only=True)
+    data, offsets = payload[f"{split}_bytes"], payload[f"{split}_offsets"].tolist()
+    encoded = [data[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+    images = torch.stack(decode_jpeg(encoded))
+    return images, payload[f"{split}_labels"], list(payload["classes"])
+
+
+class SampleDataModule(_ViewsDataModule):
+    """The bundled real image sample: 10,000 CIFAR-10 images (32 px), class balanced, offline.
+
+    9,000 training images (900 per class) and 1,000 test images (100 per class) used as the
+    validation split; see ``lightning_mim/data/sample/SOURCE.md`` for provenance. Decoded once into
+    memory (30 MB). For the quickstart, the tests and the examples.
+
+    Args:
+        batch_size: Images per device per step.
+        num_workers: Loader processes per device.
+        train_size: Use only the first ``train_size`` training images (None: all).
+        val_size: Use only the first ``val_size`` test images (None: all).
+        train_views: Training view transform; default: the method's ``train_views()``.
+        eval_views: Evaluation transform; default: the method's ``eval_views()``.
+        pin_memory: Pin host memory when CUDA is available.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        num_workers: int = 2,
+        train_size: int | None = None,
+        val_size: int | None = None,
+        train_views: ViewFn | None = None,
+        eval_views: ViewFn | None = None,
+        pin_memory: bool = True,
+    ) -> None:
+        super().__init__(batch_size, num_workers, train_views, eval_views, pin_memory)
+        self.train_size = train_size
+        self.val_size = val_size
+        self._loaded: tuple[TensorImageDataset, TensorImageDataset] | None = None
+
+    def _sources(self) -> tuple[TensorImageDataset, TensorImageDataset]:
+        if self._loaded is None:
+            identity: ViewFn = lambda image: {"images": image}  # noqa: E731 - replaced in setup()
+            splits = []
+            for split, size in (("train", self.train_size), ("test", self.val_size)):
+                images, labels, _ = load_sample(split)
+                # An evenly spaced subset keeps the classes balanced (the file is sorted by class).
+                keep = torch.linspace(0, len(images) - 1, size).long() if size else slice(None)
+                splits.append(TensorImageDataset(images[keep].contiguous(), labels[keep].contiguous(), identity))
+            self._loaded = (splits[0], splits[1])
+        return self._loaded

@@ -1,0 +1,5 @@
+"""Method modules: one LightningModule per published method."""
+
+from lightning_mim.methods.conmim import ConMIMModule
+
+__all__ = ["ConMIMModule"]

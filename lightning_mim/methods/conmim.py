@@ -1,0 +1,209 @@
+"""ConMIM: masked image modeling with denoising contrast.
+
+Yi et al., "Masked Image Modeling with Denoising Contrast", ICLR 2023, arXiv:2205.09616.
+Defaults follow the official code (TencentARC/ConMIM).
+
+The student sees a weakly augmented image with BEiT block masks (masked patch embeddings replaced by
+a learned mask token); a momentum teacher sees a strongly augmented version of the same crop with no
+mask. Every output token goes through a BatchNorm projector; for each masked patch the student
+feature must pick out the teacher feature of the same patch among all patches of the same image
+(intra-image InfoNCE, tau = 0.1).
+
+Batch keys (uint8 images, normalised on the device):
+    ``images``: (B, 3, H, W) the student ("weak") view.
+    ``teacher_images``: (B, 3, H, W) the teacher ("strong") view of the same crop.
+    ``labels``: optional, unused for training.
+Validation batches need only ``images``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
+from torch import Tensor, nn
+
+from lightning_mim._rng import make_generator
+from lightning_mim.callbacks.ema import EMATeacher
+from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, ConMIMViews, EvalView, normalize
+from lightning_mim.losses import patch_contrastive_loss
+from lightning_mim.masking import BlockMasking, MaskGenerator
+from lightning_mim.nn import BNProjector, MaskedViT
+from lightning_mim.optim import OptimConfig, configure_adamw
+
+__all__ = ["CONMIM_BACKBONE_DEFAULTS", "ConMIMModule"]
+
+#: BEiT-style backbone of the official code: shared relative position bias, no absolute position
+#: embedding, layer-scale 0.1 (use 1e-5 for ViT-L), no drop path.
+CONMIM_BACKBONE_DEFAULTS: dict[str, Any] = {
+    "use_abs_pos_emb": False,
+    "use_rel_pos_bias": False,
+    "use_shared_rel_pos_bias": True,
+    "init_values": 0.1,
+    "drop_path_rate": 0.0,
+}
+
+_MASK_STREAM = 1
+
+
+class _Network(nn.Module):
+    """Encoder + token projector: (B, C, H, W) -> projected patch tokens (B, N, out_dim)."""
+
+    def __init__(self, encoder: MaskedViT, projector: BNProjector) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.projector = projector
+
+    def forward(self, images: Tensor, mask: Tensor | None = None) -> Tensor:
+        tokens = self.encoder(images, mask)  # (B, 1 + N, D)
+        # The projector runs on every token, CLS included, as in the official code (BatchNorm
+        # statistics include it); the CLS output is then dropped.
+        return self.encoder.patch_tokens(self.projector(tokens))  # (B, N, out_dim)
+
+
+class ConMIMModule(pl.LightningModule):
+    """ConMIM pre-training (see the module docstring for the method and the batch keys).
+
+    The EMA teacher update is installed automatically (``configure_callbacks`` returns an
+    :class:`~lightning_mim.callbacks.EMATeacher` with ``momentum`` / ``final_momentum``).
+
+    Args:
+        backbone: timm ViT or BEiT name; ConMIM's backbone is ``beit_*`` with the defaults in
+            ``CONMIM_BACKBONE_DEFAULTS`` (ViT-S: ``beit_base_patch16_224`` with ``embed_dim=384,
+            num_heads=6``).
+        backbone_kwargs: timm arguments merged over ``CONMIM_BACKBONE_DEFAULTS`` for ``beit_*``
+            backbones (e.g. ``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads``).
+        masking: Mask generator; default BEiT block masking of 75 of 196 patches with blocks of at
+            least 16 patches, both scaled to the patch grid for other image or patch sizes.
+        temperature: Softmax temperature of the patch contrast (official: 0.1).
+        proj_hidden_dim: Projector hidden width (official: 4096).
+        proj_dim: Projector output width (official: 256).
+        proj_layers: Projector depth in linear layers (official: 3).
+        momentum: EMA momentum at the first step (official: 0.996).
+        final_momentum: EMA momentum at the last step, cosine schedule (official: 1.0).
+        optim: AdamW + warmup-cosine settings; default the official code's (lr 5e-4 absolute,
+            betas (0.9, 0.98), wd 0.05, 5 warmup epochs, min lr 1e-5).
+        eval_encoder: Encoder whose features ``embed`` returns (kNN monitoring).
+        mean: Normalisation mean (of images in [0, 1]).
+        std: Normalisation std.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "beit_base_patch16_224",
+        backbone_kwargs: dict[str, Any] | None = None,
+        masking: MaskGenerator | None = None,
+        temperature: float = 0.1,
+        proj_hidden_dim: int = 4096,
+        proj_dim: int = 256,
+        proj_layers: int = 3,
+        momentum: float = 0.996,
+        final_momentum: float = 1.0,
+        optim: OptimConfig | None = None,
+        eval_encoder: Literal["student", "teacher"] = "student",
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["masking", "optim"])
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if eval_encoder not in ("student", "teacher"):
+            raise ValueError(f"eval_encoder must be 'student' or 'teacher', got {eval_encoder!r}")
+        kwargs = dict(CONMIM_BACKBONE_DEFAULTS) if backbone.startswith("beit") else {}
+        kwargs.update(backbone_kwargs or {})
+        encoder = MaskedViT(backbone, mode="mask_token", **kwargs)
+        grid = encoder.grid_size
+        if masking is None:  # BEiT's 75 of 196 patches with blocks of >= 16, scaled to the grid
+            num_patches = encoder.num_patches
+            masking = BlockMasking(grid, round(75 / 196 * num_patches), max(1, round(16 / 196 * num_patches)))
+        self.masking = masking
+        if (self.masking.height, self.masking.width) != grid:
+            raise ValueError(
+                f"masking grid ({self.masking.height}, {self.masking.width}) does not match the backbone's patch grid {grid}"
+            )
+        self.student = _Network(encoder, BNProjector(encoder.embed_dim, proj_hidden_dim, proj_dim, proj_layers))
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        self.temperature = temperature
+        self.momentum = momentum
+        self.final_momentum = final_momentum
+        self.optim = optim if optim is not None else OptimConfig(lr=5e-4, betas=(0.9, 0.98), weight_decay=0.05)
+        self.hparams["optim"] = dataclasses.asdict(self.optim)  # plain types: checkpoints load with weights_only
+        self.eval_encoder = eval_encoder
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.image_size: int = int(encoder.vit.patch_embed.img_size[0])
+        self._mask_generator: torch.Generator | None = None
+
+    # ----------------------------------------------------------------------------------- parts
+    def train_views(self) -> ConMIMViews:
+        """Data-loader transform producing ``images`` and ``teacher_images``."""
+        return ConMIMViews(size=self.image_size)
+
+    def eval_views(self) -> EvalView:
+        """Data-loader transform for validation and kNN images."""
+        return EvalView(size=self.image_size, crop_fraction=0.875 if self.image_size >= 64 else 1.0)
+
+    def configure_callbacks(self) -> list[Callback]:
+        return [EMATeacher("student", "teacher", momentum=self.momentum, final_momentum=self.final_momentum)]
+
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        return configure_adamw(self, self.student, self.optim)
+
+    def encoder(self, which: Literal["student", "teacher"] = "student") -> MaskedViT:
+        """The student's or the teacher's encoder (the official fine-tuning starts from the teacher)."""
+        network = self.student if which == "student" else self.teacher
+        return network.encoder
+
+    @property
+    def mask_generator(self) -> torch.Generator:
+        if self._mask_generator is None:
+            rank = self.trainer.global_rank if self._trainer is not None else 0
+            self._mask_generator = make_generator(_MASK_STREAM, rank)
+        return self._mask_generator
+
+    # ---------------------------------------------------------------------------------- steps
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        images = normalize(batch["images"], self.mean, self.std)
+        teacher_images = normalize(batch["teacher_images"], self.mean, self.std)
+        mask = self.masking(images.shape[0], device=self.device, generator=self.mask_generator)  # (B, N)
+        loss = self._loss(images, teacher_images, mask)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _loss(self, images: Tensor, teacher_images: Tensor, mask: Tensor) -> Tensor:
+        with torch.no_grad():
+            # The official teacher stays in train mode: its BatchNorms use batch statistics.
+            target = self.teacher(teacher_images)  # (B, N, d)
+        prediction = self.student(images, mask)  # (B, N, d)
+        return patch_contrastive_loss(prediction, target, mask, self.temperature)
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        images = normalize(batch["images"], self.mean, self.std)
+        # Fixed masks per batch index make val/loss comparable across epochs.
+        generator = make_generator(_MASK_STREAM, rank=self.global_rank, base=batch_idx)
+        mask = self.masking(images.shape[0], device=self.device, generator=generator)
+        self.log("val/loss", self._loss(images, images, mask), sync_dist=True)
+
+    @torch.no_grad()
+    def embed(self, images: Tensor) -> Tensor:
+        """Mean-pooled patch features of ``eval_encoder`` for uint8 images: (B, D)."""
+        encoder = self.encoder(self.eval_encoder)
+        tokens = encoder(normalize(images, self.mean, self.std))  # (B, 1 + N, D)
+        return encoder.patch_tokens(tokens).mean(dim=1)
+
+    # --------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lightning_mim"] = {"method": "conmim", "mask_generator": self.mask_generator.get_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("lightning_mim")
+        if meta is None or meta.get("method") != "conmim":
+            found = meta.get("method") if meta else "no lightning-mim metadata"
+            raise ValueError(f"not a ConMIM checkpoint (found: {found})")
+        self.mask_generator.set_state(meta["mask_generator"])

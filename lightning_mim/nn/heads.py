@@ -1,0 +1,50 @@
+"""Projection heads."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+__all__ = ["BNProjector"]
+
+
+class BNProjector(nn.Sequential):
+    """MLP with BatchNorm after every linear layer, as used by ConMIM, MoCo v3 and CMAE.
+
+    ``Linear(no bias) -> BN -> ReLU`` for each hidden layer, then ``Linear(no bias) -> BN`` where the
+    last BatchNorm is affine or not (``last_bn_affine``; ConMIM and MoCo v3 use a non-affine one).
+    Accepts (..., in_dim) inputs: leading dimensions are flattened for BatchNorm, so applied to
+    (B, N, D) tokens the statistics run over all B*N tokens.
+
+    Args:
+        in_dim: Input width.
+        hidden_dim: Width of the hidden layers.
+        out_dim: Output width.
+        num_layers: Number of linear layers (>= 1).
+        last_bn: Put a BatchNorm after the last linear layer.
+        last_bn_affine: Give that last BatchNorm learnable scale and shift.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dim: int = 4096,
+        out_dim: int = 256,
+        num_layers: int = 3,
+        last_bn: bool = True,
+        last_bn_affine: bool = False,
+    ) -> None:
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        layers: list[nn.Module] = []
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+            layers.append(nn.Linear(d_in, d_out, bias=False))
+            if i < num_layers - 1:
+                layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+            elif last_bn:
+                layers.append(nn.BatchNorm1d(d_out, affine=last_bn_affine))
+        super().__init__(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        return super().forward(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)

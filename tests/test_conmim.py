@@ -1,0 +1,137 @@
+"""ConMIMModule on a tiny BEiT: faithful structure, learning, teacher behaviour, checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.models.beit import Beit
+from torch import nn
+
+from lightning_mim import ConMIMModule
+from lightning_mim.data import SampleDataModule
+from lightning_mim.masking import BlockMasking, GridMasking
+from lightning_mim.optim import OptimConfig
+
+from .helpers import TINY_BEIT, cpu_trainer
+
+
+def tiny(**kwargs) -> ConMIMModule:
+    defaults = dict(backbone_kwargs=TINY_BEIT, proj_hidden_dim=64, proj_dim=32, optim=OptimConfig(lr=1e-3, warmup_steps=0))
+    return ConMIMModule(**{**defaults, **kwargs})
+
+
+def flat(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+def batch(size: int = 8) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (size, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return {"images": images, "teacher_images": images.flip(-1)}
+
+
+def test_default_backbone_is_the_official_beit() -> None:
+    module = ConMIMModule(proj_hidden_dim=64)  # ViT-B/16 at 224, BEiT-style
+    vit = module.student.encoder.vit
+    assert isinstance(vit, Beit)
+    assert vit.pos_embed is None and vit.rel_pos_bias is not None  # shared relative position bias only
+    assert all(block.attn.relative_position_bias_table is None for block in vit.blocks)
+    assert torch.allclose(vit.blocks[0].gamma_1, torch.full((768,), 0.1))  # layer scale 0.1
+    assert torch.count_nonzero(vit.rel_pos_bias.relative_position_bias_table) == 0  # zero-initialised
+    assert (vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads) == (768, 12, 12)
+    masking = module.masking
+    assert isinstance(masking, BlockMasking)
+    assert (masking.num_masking_patches, masking.min_num_patches, masking.height) == (75, 16, 14)
+
+
+def test_projector_structure() -> None:
+    module = tiny(proj_hidden_dim=64, proj_dim=32)
+    layers = list(module.student.projector)
+    kinds = [type(layer).__name__ for layer in layers]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert all(layer.bias is None for layer in layers if isinstance(layer, nn.Linear))
+    assert not layers[-1].affine  # the last BatchNorm has no scale/shift
+
+
+def test_loss_finite_and_falls_on_a_fixed_batch() -> None:
+    torch.manual_seed(0)
+    module = tiny()
+    optimizer = torch.optim.AdamW(module.student.parameters(), lr=1e-3)
+    data = batch()
+    losses = []
+    for _ in range(15):
+        loss = module.training_step(data, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[0] == pytest.approx(torch.log(torch.tensor(16.0)).item(), rel=0.25)  # near chance at init
+    assert sum(losses[-3:]) / 3 < 0.7 * losses[0]
+
+
+def test_teacher_gets_no_gradients() -> None:
+    module = tiny()
+    module.training_step(batch(), 0).backward()
+    assert all(p.grad is None for p in module.teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.student.parameters())
+
+
+def test_teacher_moves_only_by_ema() -> None:
+    dm = SampleDataModule(batch_size=8, num_workers=0, train_size=32, val_size=8)
+    # momentum 1: the teacher never moves, though the student trains
+    module = tiny(momentum=1.0, final_momentum=1.0)
+    teacher0, student0 = flat(module.teacher).clone(), flat(module.student).clone()
+    cpu_trainer(max_steps=3, limit_val_batches=0).fit(module, dm)
+    assert torch.equal(flat(module.teacher), teacher0)
+    assert not torch.allclose(flat(module.student), student0)
+    # momentum 0: the teacher equals the student after every step
+    module = tiny(momentum=0.0, final_momentum=0.0)
+    cpu_trainer(max_steps=3, limit_val_batches=0).fit(module, dm)
+    assert torch.equal(flat(module.teacher), flat(module.student))
+
+
+def test_optimizer_covers_the_student_only_with_no_decay_rules() -> None:
+    module = tiny()
+    dm = SampleDataModule(batch_size=8, num_workers=0, train_size=16, val_size=8)
+    trainer = cpu_trainer(max_steps=1, limit_val_batches=0)
+    trainer.fit(module, dm)
+    optimizer = trainer.optimizers[0]
+    ids = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert set(ids) == {id(p) for p in module.student.parameters()}
+    named = dict(module.student.named_parameters())
+    assert ids[id(named["encoder.mask_token"])] == 0.0
+    assert ids[id(named["encoder.vit.cls_token"])] == 0.0
+    assert ids[id(named["encoder.vit.rel_pos_bias.relative_position_bias_table"])] == 0.0
+    assert ids[id(named["encoder.vit.blocks.0.attn.qkv.weight"])] == 0.05
+    assert ids[id(named["projector.0.weight"])] == 0.05
+    assert optimizer.defaults["betas"] == (0.9, 0.98)
+
+
+def test_masking_must_match_the_grid() -> None:
+    with pytest.raises(ValueError, match="does not match"):
+        tiny(masking=GridMasking(14, 2, 0.75))
+    module = tiny(masking=GridMasking(4, 2, 0.5))  # any generator on the right grid works
+    assert module.training_step(batch(), 0).isfinite()
+
+
+def test_embed_and_encoders() -> None:
+    module = tiny(eval_encoder="teacher")
+    features = module.embed(batch()["images"])
+    assert features.shape == (8, 48)
+    assert module.encoder("teacher") is module.teacher.encoder
+
+
+def test_checkpoint_of_another_kind_is_refused() -> None:
+    module = tiny()
+    with pytest.raises(ValueError, match="not a ConMIM checkpoint"):
+        module.on_load_checkpoint({"state_dict": {}})
+    with pytest.raises(ValueError, match="found: cmae"):
+        module.on_load_checkpoint({"lightning_mim": {"method": "cmae"}})
+
+
+def test_invalid_arguments() -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        tiny(temperature=0.0)
+    with pytest.raises(ValueError, match="unknown timm architecture"):
+        tiny(backbone="no_such_vit")

@@ -1,0 +1,87 @@
+"""MaskedViT over timm ViT and BEiT, both modes; the BN projector."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_mim.masking import RandomMasking
+from lightning_mim.nn import BNProjector, MaskedViT
+
+TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+
+
+def test_mask_token_mode_equals_manual_replacement() -> None:
+    model = MaskedViT("vit_small_patch16_224", **TINY_VIT).eval()
+    images = torch.randn(2, 3, 32, 32)
+    mask = RandomMasking(4, 0.5)(2, generator=torch.Generator().manual_seed(0))
+    out = model(images, mask)
+    assert out.shape == (2, 17, 32)
+    # same as timm's own forward_features with the masked embeddings swapped by hand
+    vit = model.vit
+    x = vit.patch_embed(images)
+    x = torch.where(mask[..., None], model.mask_token.expand_as(x), x)
+    x = vit.norm(vit.blocks(vit.norm_pre(vit._pos_embed(x))))
+    assert torch.allclose(out, x, atol=1e-5)
+    # no mask: exactly timm's forward_features
+    assert torch.allclose(model(images), vit.forward_features(images), atol=1e-5)
+
+
+def test_beit_without_mask_equals_timm() -> None:
+    model = MaskedViT(
+        "beit_base_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+        use_rel_pos_bias=False, use_shared_rel_pos_bias=True, global_pool="token",
+    ).eval()
+    images = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(model(images), model.vit.forward_features(images), atol=1e-5)
+    assert "mask_token" in model.no_weight_decay()
+    assert "vit.rel_pos_bias.relative_position_bias_table" in model.no_weight_decay()
+
+
+def test_masked_patches_do_not_leak() -> None:
+    model = MaskedViT("vit_small_patch16_224", **TINY_VIT).eval()
+    images = torch.randn(1, 3, 32, 32)
+    mask = torch.zeros(1, 16, dtype=torch.bool)
+    mask[0, 5] = True
+    changed = images.clone()
+    changed[:, :, 8:16, 8:16] += 5.0  # patch 5 (row 1, col 1) only
+    assert torch.allclose(model(images, mask), model(changed, mask), atol=1e-6)
+
+
+def test_visible_mode_encodes_only_visible_tokens() -> None:
+    model = MaskedViT("vit_small_patch16_224", mode="visible", **TINY_VIT).eval()
+    images = torch.randn(2, 3, 32, 32)
+    mask = RandomMasking(4, 0.75)(2, generator=torch.Generator().manual_seed(1))
+    out = model(images, mask, num_visible=4)
+    assert out.shape == (2, 1 + 4, 32)
+    assert torch.equal(out, model(images, mask))  # num_visible inferred when not given
+    # equals running timm's blocks on the gathered visible tokens
+    vit = model.vit
+    x = vit._pos_embed(vit.patch_embed(images))
+    keep = torch.stack([torch.nonzero(~m).flatten() for m in mask])  # grid order
+    visible = torch.gather(x[:, 1:], 1, keep[..., None].expand(-1, -1, 32))
+    expected = vit.norm(vit.blocks(torch.cat([x[:, :1], visible], 1)))
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_visible_mode_rejects_relative_position_bias() -> None:
+    with pytest.raises(ValueError, match="visible"):
+        MaskedViT("beit_base_patch16_224", mode="visible", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+
+
+def test_bn_projector_flattens_tokens() -> None:
+    projector = BNProjector(8, 16, 4, num_layers=3)
+    tokens = torch.randn(3, 5, 8)
+    out = projector(tokens)
+    assert out.shape == (3, 5, 4)
+    # BatchNorm statistics run over all B*N tokens: equal to projecting the flattened tokens
+    assert torch.allclose(out.reshape(15, 4), projector(tokens.reshape(15, 8)), atol=1e-6)
+    assert torch.allclose(out.reshape(15, 4).mean(0), torch.zeros(4), atol=1e-5)  # non-affine last BN
+
+
+def test_wrong_mask_shape_and_non_vit() -> None:
+    model = MaskedViT("vit_small_patch16_224", **TINY_VIT)
+    with pytest.raises(ValueError, match="does not match"):
+        model(torch.randn(1, 3, 32, 32), torch.zeros(1, 15, dtype=torch.bool))
+    with pytest.raises(TypeError, match="needs a timm ViT"):
+        MaskedViT("resnet18")
