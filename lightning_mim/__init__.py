@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from lightning_mim.methods import ConMIMModule  # noqa: E402
+from lightning_mim.methods import ConMIMModule
 
 __all__ = ["ConMIMModule", "__version__"]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant (golden ratio) to spread nearby seeds apart
+_MOD = 2**63 - 1
 
 
 def stream_seed(stream: int, rank: int = 0, base: int | None = None) -> int:
@@ -15,9 +18,41 @@ def stream_seed(stream: int, rank: int = 0, base: int | None = None) -> int:
     streams, and ranks draw different ones.
     """
     base = torch.initial_seed() if base is None else base
-    return (base * _MIX + stream * 1_000_003 + rank * 7_919) % (2**63 - 1)
+    return (base * _MIX + stream * 1_000_003 + rank * 7_919) % _MOD
 
 
 def make_generator(stream: int, rank: int = 0, base: int | None = None) -> torch.Generator:
     """A CPU ``torch.Generator`` seeded with :func:`stream_seed`."""
     return torch.Generator().manual_seed(stream_seed(stream, rank, base))
+
+
+class CountedStream:
+    """A random stream that is reseeded from (run seed, stream, rank, draw number) at every draw.
+
+    Its whole state is two integers, identical on every rank, so a checkpoint written by rank 0
+    restores every rank exactly, and each rank still draws its own masks.
+
+    Args:
+        stream: Stream identifier (separates e.g. training masks from other randomness).
+    """
+
+    def __init__(self, stream: int) -> None:
+        self.stream = stream
+        self.base: int | None = None
+        self.count = 0
+        self._generator = torch.Generator()
+
+    def next(self, rank: int) -> torch.Generator:
+        """The generator for the next draw on ``rank``."""
+        if self.base is None:
+            self.base = torch.initial_seed()
+        self._generator.manual_seed((stream_seed(self.stream, rank, self.base) + self.count) % _MOD)
+        self.count += 1
+        return self._generator
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"base": self.base, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.base = None if state["base"] is None else int(state["base"])
+        self.count = int(state["count"])

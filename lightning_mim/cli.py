@@ -15,8 +15,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
-import lightning_mim.callbacks  # noqa: F401 - registers the callbacks for short class_path names
-import lightning_mim.data  # noqa: F401 - registers the data modules
+import lightning_mim.callbacks
+import lightning_mim.data
 import lightning_mim.methods  # noqa: F401 - registers the method modules
 
 __all__ = ["LightningMIMCLI", "main"]

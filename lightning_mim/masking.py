@@ -13,7 +13,7 @@ milliseconds (``benchmarks/masking.py``).
 from __future__ import annotations
 
 import math
-from typing import Protocol, runtime_checkable
+from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor
@@ -21,22 +21,27 @@ from torch import Tensor
 __all__ = ["BlockMasking", "GridMasking", "MaskGenerator", "RandomMasking", "num_masked_for_ratio"]
 
 
-@runtime_checkable
-class MaskGenerator(Protocol):
-    """What a method needs from a mask generator."""
+class MaskGenerator(ABC):
+    """Base class of mask generators: subclass it (and name it by ``class_path`` in configs) to add one.
+
+    A generator has a patch grid (``height`` x ``width``) and returns bool (B, height * width) masks.
+    """
 
     height: int
     width: int
 
     @property
-    def num_patches(self) -> int: ...
+    def num_patches(self) -> int:
+        return self.height * self.width
 
+    @abstractmethod
     def __call__(
         self,
         batch_size: int,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
-    ) -> Tensor: ...
+    ) -> Tensor:
+        """Masks for ``batch_size`` images, computed on the generator's device, returned on ``device``."""
 
 
 def _grid(input_size: int | tuple[int, int]) -> tuple[int, int]:
@@ -56,9 +61,7 @@ def num_masked_for_ratio(num_tokens: int, mask_ratio: float) -> int:
     return num_tokens - int(num_tokens * (1.0 - mask_ratio))
 
 
-def _random_subset_mask(
-    batch_size: int, num_tokens: int, num_masked: int, generator: torch.Generator | None
-) -> Tensor:
+def _random_subset_mask(batch_size: int, num_tokens: int, num_masked: int, generator: torch.Generator | None) -> Tensor:
     """(B, N) bool with exactly ``num_masked`` True per row, uniformly at random."""
     device = generator.device if generator is not None else torch.device("cpu")
     noise = torch.rand(batch_size, num_tokens, generator=generator, device=device)
@@ -67,7 +70,7 @@ def _random_subset_mask(
     return mask.scatter_(1, masked_ids, True)
 
 
-class RandomMasking:
+class RandomMasking(MaskGenerator):
     """Uniform random masking of exactly ``N - int(N * (1 - mask_ratio))`` patches (MAE).
 
     Args:
@@ -80,10 +83,6 @@ class RandomMasking:
         self.height, self.width = _grid(input_size)
         self.mask_ratio = mask_ratio
         self.num_masking_patches = num_masked_for_ratio(self.num_patches, mask_ratio)
-
-    @property
-    def num_patches(self) -> int:
-        return self.height * self.width
 
     def __call__(
         self,
@@ -98,7 +97,7 @@ class RandomMasking:
         return f"RandomMasking(input_size=({self.height}, {self.width}), mask_ratio={self.mask_ratio})"
 
 
-class GridMasking:
+class GridMasking(MaskGenerator):
     """Random masking of ``cell_size`` x ``cell_size``-patch cells.
 
     SimMIM's "mask patch size 32" on 16-px patches is ``cell_size=2``; CMAE uses the same scheme. The
@@ -112,24 +111,16 @@ class GridMasking:
         mask_ratio: Fraction of cells to mask, in (0, 1).
     """
 
-    def __init__(
-        self, input_size: int | tuple[int, int] = 14, cell_size: int = 2, mask_ratio: float = 0.75
-    ) -> None:
+    def __init__(self, input_size: int | tuple[int, int] = 14, cell_size: int = 2, mask_ratio: float = 0.75) -> None:
         _check_ratio(mask_ratio)
         self.height, self.width = _grid(input_size)
         if cell_size < 1 or self.height % cell_size or self.width % cell_size:
-            raise ValueError(
-                f"cell_size={cell_size} must divide the patch grid ({self.height}, {self.width})"
-            )
+            raise ValueError(f"cell_size={cell_size} must divide the patch grid ({self.height}, {self.width})")
         self.cell_size = cell_size
         self.mask_ratio = mask_ratio
         self.num_cells = (self.height // cell_size) * (self.width // cell_size)
         self.num_masked_cells = num_masked_for_ratio(self.num_cells, mask_ratio)
         self.num_masking_patches = self.num_masked_cells * cell_size * cell_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.height * self.width
 
     def __call__(
         self,
@@ -151,7 +142,7 @@ class GridMasking:
         )
 
 
-class BlockMasking:
+class BlockMasking(MaskGenerator):
     """BEiT's block-wise masking.
 
     Rectangular blocks are added until ``num_masking_patches`` patches are masked. Each block draws
@@ -201,10 +192,6 @@ class BlockMasking:
         max_aspect = 1.0 / min_aspect if max_aspect is None else max_aspect
         self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
         self.attempts = attempts
-
-    @property
-    def num_patches(self) -> int:
-        return self.height * self.width
 
     def __call__(
         self,

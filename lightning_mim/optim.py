@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimConfig:
     """AdamW with linear warmup and cosine decay, stepped per optimizer step.
 
@@ -114,7 +114,7 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, final_ratio: f
 
 def global_batch_size(trainer: pl.Trainer) -> int:
     """Images per optimizer step over all ranks: per-device batch x devices x accumulation."""
-    per_device = getattr(trainer.datamodule, "batch_size", None)
+    per_device = getattr(getattr(trainer, "datamodule", None), "batch_size", None)
     if per_device is None:
         raise ValueError("lr scaling (base_batch_size) needs a datamodule with a `batch_size` attribute")
     return int(per_device) * trainer.world_size * trainer.accumulate_grad_batches
@@ -132,9 +132,7 @@ def _warmup_steps(trainer: pl.Trainer, config: OptimConfig) -> int:
     return round(config.warmup_epochs * steps_per_epoch)
 
 
-def configure_adamw(
-    module: pl.LightningModule, model: nn.Module, config: OptimConfig
-) -> OptimizerLRSchedulerConfig:
+def configure_adamw(module: pl.LightningModule, model: nn.Module, config: OptimConfig) -> OptimizerLRSchedulerConfig:
     """AdamW over ``model``'s trainable parameters with the warmup-cosine schedule, for Lightning.
 
     Call from ``configure_optimizers``. The schedule length is ``trainer.estimated_stepping_batches``

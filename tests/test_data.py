@@ -111,10 +111,17 @@ def test_image_folder_module_without_split_dirs(tmp_path: Path) -> None:
 
 
 def test_sample_module_subsets_are_balanced() -> None:
-    dm = SampleDataModule(batch_size=4, num_workers=0, train_size=100, val_size=20, train_views=ConMIMViews(32), eval_views=EvalView(32, 1.0))
+    dm = SampleDataModule(
+        batch_size=4,
+        num_workers=0,
+        train_size=100,
+        val_size=20,
+        train_views=ConMIMViews(32),
+        eval_views=EvalView(32, 1.0),
+    )
     dm.setup("fit")
     assert len(dm.train_set) == 100 and len(dm.val_set) == 20
     labels = torch.stack([dm.val_set[i]["labels"] for i in range(20)])
     assert torch.equal(torch.bincount(labels), torch.full((10,), 2))
-    bank, queries = dm.knn_datasets()
+    bank, _ = dm.knn_datasets()
     assert bank[0]["images"].shape == (3, 32, 32) and "teacher_images" not in bank[0]

@@ -39,12 +39,19 @@ class ForeignModule(pl.LightningModule):
 
 def loader(n: int = 8, batch_size: int = 2) -> DataLoader:
     g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randn(n, 4, generator=g), torch.randn(n, 1, generator=g)), batch_size=batch_size)
+    return DataLoader(
+        TensorDataset(torch.randn(n, 4, generator=g), torch.randn(n, 1, generator=g)), batch_size=batch_size
+    )
 
 
 def trainer(**kwargs) -> pl.Trainer:
-    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False)
+    defaults = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     return pl.Trainer(**{**defaults, **kwargs})
 
 
@@ -131,7 +138,7 @@ def test_resume_mid_run_matches_uninterrupted(tmp_path) -> None:
 
 
 def test_clear_errors() -> None:
-    with pytest.raises(AttributeError, match="no attribute path 'model.nothing'"):
+    with pytest.raises(AttributeError, match=r"no attribute path 'model\.nothing'"):
         trainer(max_steps=1, callbacks=[EMATeacher("model.encoder", "model.nothing")]).fit(ForeignModule(), loader())
     module = ForeignModule()
     module.model.target.requires_grad_(True)

@@ -11,7 +11,9 @@ import torch
 from lightning_mim.masking import BlockMasking, GridMasking, MaskGenerator, RandomMasking, num_masked_for_ratio
 
 
-def beit_block_mask_reference(rng: random.Random, height: int, width: int, num_masking: int, min_num: int) -> list[list[int]]:
+def beit_block_mask_reference(
+    rng: random.Random, height: int, width: int, num_masking: int, min_num: int
+) -> list[list[int]]:
     """BEiT's sequential algorithm, written from its description, for comparing distributions."""
     max_num = num_masking
     log_aspect = (math.log(0.3), math.log(1 / 0.3))
@@ -23,8 +25,8 @@ def beit_block_mask_reference(rng: random.Random, height: int, width: int, num_m
         for _ in range(10):
             area = rng.uniform(min_num, budget)
             aspect = math.exp(rng.uniform(*log_aspect))
-            h = int(round(math.sqrt(area * aspect)))
-            w = int(round(math.sqrt(area / aspect)))
+            h = round(math.sqrt(area * aspect))
+            w = round(math.sqrt(area / aspect))
             if w < width and h < height:
                 top = rng.randint(0, height - h)
                 left = rng.randint(0, width - w)

@@ -29,8 +29,15 @@ def test_mask_token_mode_equals_manual_replacement() -> None:
 
 def test_beit_without_mask_equals_timm() -> None:
     model = MaskedViT(
-        "beit_base_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-        use_rel_pos_bias=False, use_shared_rel_pos_bias=True, global_pool="token",
+        "beit_base_patch16_224",
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        use_rel_pos_bias=False,
+        use_shared_rel_pos_bias=True,
+        global_pool="token",
     ).eval()
     images = torch.randn(2, 3, 32, 32)
     assert torch.allclose(model(images), model.vit.forward_features(images), atol=1e-5)
@@ -66,7 +73,9 @@ def test_visible_mode_encodes_only_visible_tokens() -> None:
 
 def test_visible_mode_rejects_relative_position_bias() -> None:
     with pytest.raises(ValueError, match="visible"):
-        MaskedViT("beit_base_patch16_224", mode="visible", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+        MaskedViT(
+            "beit_base_patch16_224", mode="visible", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2
+        )
 
 
 def test_bn_projector_flattens_tokens() -> None:
@@ -85,3 +94,5 @@ def test_wrong_mask_shape_and_non_vit() -> None:
         model(torch.randn(1, 3, 32, 32), torch.zeros(1, 15, dtype=torch.bool))
     with pytest.raises(TypeError, match="needs a timm ViT"):
         MaskedViT("resnet18")
+    with pytest.raises(ValueError, match="unknown timm architecture"):
+        MaskedViT("no_such_vit")

@@ -115,7 +115,7 @@ class OnlineKNN(Callback):
     def _datasets(self, trainer: pl.Trainer) -> tuple[Dataset, Dataset] | None:
         if self._bank is not None and self._queries is not None:
             return self._bank, self._queries
-        provider = getattr(trainer.datamodule, "knn_datasets", None)
+        provider = getattr(getattr(trainer, "datamodule", None), "knn_datasets", None)
         datasets = provider() if callable(provider) else None
         if datasets is None:
             return None
@@ -141,8 +141,14 @@ class OnlineKNN(Callback):
                 features.append(model.embed(images).float())
             labels.append(batch["labels"].to(pl_module.device))
         if not features:
-            dim = int(model.embed(torch.zeros(1, *dataset[0]["images"].shape, dtype=torch.uint8, device=pl_module.device)).shape[1])
-            return torch.zeros(0, dim, device=pl_module.device), torch.zeros(0, dtype=torch.long, device=pl_module.device)
+            dim = int(
+                model.embed(
+                    torch.zeros(1, *dataset[0]["images"].shape, dtype=torch.uint8, device=pl_module.device)
+                ).shape[1]
+            )
+            return torch.zeros(0, dim, device=pl_module.device), torch.zeros(
+                0, dtype=torch.long, device=pl_module.device
+            )
         return torch.cat(features), torch.cat(labels)
 
     def _gather(self, trainer: pl.Trainer, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -190,7 +196,10 @@ class OnlineKNN(Callback):
         stats = trainer.strategy.reduce(stats, reduce_op="sum")
         accuracy = float(100.0 * stats[0] / stats[1].clamp(min=1))
         self.history.append((trainer.global_step, accuracy))
-        rank_zero_info(f"OnlineKNN: step {trainer.global_step}: kNN top-1 {accuracy:.2f}% (k={self.k}, {len(query_set)} queries)")  # type: ignore[arg-type]
+        queries = int(stats[1])
+        rank_zero_info(
+            f"OnlineKNN: step {trainer.global_step}: kNN top-1 {accuracy:.2f}% ({queries} queries, k={self.k})"
+        )
         return accuracy
 
     @override

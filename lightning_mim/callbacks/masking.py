@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_mim._rng import make_generator
+from lightning_mim._rng import CountedStream
 from lightning_mim.masking import MaskGenerator
 
 __all__ = ["MaskingCallback"]
@@ -23,7 +23,8 @@ class MaskingCallback(Callback):
     Runs in ``on_train_batch_start`` / ``on_validation_batch_start``, after Lightning has moved the
     batch to the device, and writes ``batch[key]``: a bool (B, N) tensor, True = masked. The batch
     size is read from the first tensor in the batch. Masks are drawn from a generator seeded from the
-    run seed and the rank; its state is saved in checkpoints, so a resumed run continues the stream.
+    run seed, the rank and a draw counter; the counter is saved in checkpoints, so a resumed run
+    continues the stream on every rank.
 
     Example::
 
@@ -40,16 +41,12 @@ class MaskingCallback(Callback):
         self.masking = masking
         self.key = key
         self.validation = validation
-        self._generator: torch.Generator | None = None
-        self._pending_state: torch.Tensor | None = None
+        self._stream = CountedStream(_MASK_STREAM)
+        self._rank = 0
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._generator is None:
-            self._generator = make_generator(_MASK_STREAM, trainer.global_rank)
-        if self._pending_state is not None:
-            self._generator.set_state(self._pending_state)
-            self._pending_state = None
+        self._rank = trainer.global_rank
 
     def _attach(self, batch: Any) -> None:
         if not isinstance(batch, dict):
@@ -57,11 +54,13 @@ class MaskingCallback(Callback):
         first = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
         if first is None:
             raise ValueError("MaskingCallback: the batch holds no tensor to read the batch size from")
-        assert self._generator is not None
-        batch[self.key] = self.masking(first.shape[0], device=first.device, generator=self._generator)
+        generator = self._stream.next(self._rank)
+        batch[self.key] = self.masking(first.shape[0], device=first.device, generator=generator)
 
     @override
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self._attach(batch)
 
     @override
@@ -73,12 +72,8 @@ class MaskingCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"generator_state": self._generator.get_state()} if self._generator is not None else {}
+        return {"stream": self._stream.state_dict()}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "generator_state" in state_dict:
-            self._pending_state = state_dict["generator_state"]
-            if self._generator is not None:
-                self._generator.set_state(self._pending_state)
-                self._pending_state = None
+        self._stream.load_state_dict(state_dict["stream"])

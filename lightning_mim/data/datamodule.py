@@ -158,7 +158,10 @@ class ImageNetDataModule(_ViewsDataModule):
 
 
 def load_sample(split: str) -> tuple[Tensor, Tensor, list[str]]:
-    """The bundled sample split (``"train"``: 9,000 images, ``"test"``: 1,000) as uint8 (M, 3, 32, 32), labels, classes."""
+    """A bundled sample split as uint8 images (M, 3, 32, 32), labels (M,) and class names.
+
+    ``"train"`` has 9,000 images, ``"test"`` 1,000.
+    """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     payload = torch.load(SAMPLE_FILE, weights_only=True)

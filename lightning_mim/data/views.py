@@ -11,8 +11,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ConMIMViews", "EvalView", "normalize"]
 
@@ -67,7 +66,9 @@ class ConMIMViews:
         self.geometry = v2.Compose(
             [
                 v2.RandomHorizontalFlip(0.5),
-                v2.RandomResizedCrop(size, scale=scale, ratio=ratio, interpolation=InterpolationMode.BICUBIC, antialias=True),
+                v2.RandomResizedCrop(
+                    size, scale=scale, ratio=ratio, interpolation=InterpolationMode.BICUBIC, antialias=True
+                ),
             ]
         )
         brightness, contrast, saturation, hue = color_jitter

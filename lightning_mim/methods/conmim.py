@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 
-from lightning_mim._rng import make_generator
+from lightning_mim._rng import CountedStream, make_generator
 from lightning_mim.callbacks.ema import EMATeacher
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, ConMIMViews, EvalView, normalize
 from lightning_mim.losses import patch_contrastive_loss
@@ -37,7 +37,7 @@ from lightning_mim.masking import BlockMasking, MaskGenerator
 from lightning_mim.nn import BNProjector, MaskedViT
 from lightning_mim.optim import OptimConfig, configure_adamw
 
-__all__ = ["CONMIM_BACKBONE_DEFAULTS", "ConMIMModule"]
+__all__ = ["CONMIM_BACKBONE_DEFAULTS", "CONMIM_OPTIM", "ConMIMModule"]
 
 #: BEiT-style backbone of the official code: shared relative position bias, no absolute position
 #: embedding, layer-scale 0.1 (use 1e-5 for ViT-L), no drop path.
@@ -48,6 +48,10 @@ CONMIM_BACKBONE_DEFAULTS: dict[str, Any] = {
     "init_values": 0.1,
     "drop_path_rate": 0.0,
 }
+
+#: The official optimiser settings: lr 5e-4 (absolute), AdamW (0.9, 0.98), wd 0.05, 5 warmup epochs,
+#: cosine to 1e-5.
+CONMIM_OPTIM = OptimConfig(lr=5e-4, min_lr=1e-5, weight_decay=0.05, betas=(0.9, 0.98), warmup_epochs=5.0)
 
 _MASK_STREAM = 1
 
@@ -87,8 +91,9 @@ class ConMIMModule(pl.LightningModule):
         proj_layers: Projector depth in linear layers (official: 3).
         momentum: EMA momentum at the first step (official: 0.996).
         final_momentum: EMA momentum at the last step, cosine schedule (official: 1.0).
-        optim: AdamW + warmup-cosine settings; default the official code's (lr 5e-4 absolute,
-            betas (0.9, 0.98), wd 0.05, 5 warmup epochs, min lr 1e-5).
+        optim: AdamW + warmup-cosine settings; default ``CONMIM_OPTIM``, the official code's (lr
+            5e-4 absolute, betas (0.9, 0.98), wd 0.05, 5 warmup epochs, min lr 1e-5). Fields not
+            set in a config keep these values.
         eval_encoder: Encoder whose features ``embed`` returns (kNN monitoring).
         mean: Normalisation mean (of images in [0, 1]).
         std: Normalisation std.
@@ -105,7 +110,7 @@ class ConMIMModule(pl.LightningModule):
         proj_layers: int = 3,
         momentum: float = 0.996,
         final_momentum: float = 1.0,
-        optim: OptimConfig | None = None,
+        optim: OptimConfig = CONMIM_OPTIM,
         eval_encoder: Literal["student", "teacher"] = "student",
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
@@ -126,19 +131,20 @@ class ConMIMModule(pl.LightningModule):
         self.masking = masking
         if (self.masking.height, self.masking.width) != grid:
             raise ValueError(
-                f"masking grid ({self.masking.height}, {self.masking.width}) does not match the backbone's patch grid {grid}"
+                f"masking grid ({self.masking.height}, {self.masking.width}) does not match "
+                f"the backbone's patch grid {grid}"
             )
         self.student = _Network(encoder, BNProjector(encoder.embed_dim, proj_hidden_dim, proj_dim, proj_layers))
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.temperature = temperature
         self.momentum = momentum
         self.final_momentum = final_momentum
-        self.optim = optim if optim is not None else OptimConfig(lr=5e-4, betas=(0.9, 0.98), weight_decay=0.05)
+        self.optim = optim
         self.hparams["optim"] = dataclasses.asdict(self.optim)  # plain types: checkpoints load with weights_only
         self.eval_encoder = eval_encoder
         self.mean, self.std = tuple(mean), tuple(std)
         self.image_size: int = int(encoder.vit.patch_embed.img_size[0])
-        self._mask_generator: torch.Generator | None = None
+        self._mask_stream = CountedStream(_MASK_STREAM)
 
     # ----------------------------------------------------------------------------------- parts
     def train_views(self) -> ConMIMViews:
@@ -160,18 +166,12 @@ class ConMIMModule(pl.LightningModule):
         network = self.student if which == "student" else self.teacher
         return network.encoder
 
-    @property
-    def mask_generator(self) -> torch.Generator:
-        if self._mask_generator is None:
-            rank = self.trainer.global_rank if self._trainer is not None else 0
-            self._mask_generator = make_generator(_MASK_STREAM, rank)
-        return self._mask_generator
-
     # ---------------------------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         images = normalize(batch["images"], self.mean, self.std)
         teacher_images = normalize(batch["teacher_images"], self.mean, self.std)
-        mask = self.masking(images.shape[0], device=self.device, generator=self.mask_generator)  # (B, N)
+        generator = self._mask_stream.next(self.global_rank)
+        mask = self.masking(images.shape[0], device=self.device, generator=generator)  # (B, N)
         loss = self._loss(images, teacher_images, mask)
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -199,11 +199,11 @@ class ConMIMModule(pl.LightningModule):
 
     # --------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lightning_mim"] = {"method": "conmim", "mask_generator": self.mask_generator.get_state()}
+        checkpoint["lightning_mim"] = {"method": "conmim", "mask_stream": self._mask_stream.state_dict()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("lightning_mim")
         if meta is None or meta.get("method") != "conmim":
             found = meta.get("method") if meta else "no lightning-mim metadata"
             raise ValueError(f"not a ConMIM checkpoint (found: {found})")
-        self.mask_generator.set_state(meta["mask_generator"])
+        self._mask_stream.load_state_dict(meta["mask_stream"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from torch import Tensor, nn
 
 __all__ = ["BNProjector"]
@@ -37,7 +39,7 @@ class BNProjector(nn.Sequential):
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         layers: list[nn.Module] = []
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-        for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        for i, (d_in, d_out) in enumerate(itertools.pairwise(dims)):
             layers.append(nn.Linear(d_in, d_out, bias=False))
             if i < num_layers - 1:
                 layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]

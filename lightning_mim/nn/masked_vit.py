@@ -16,6 +16,14 @@ __all__ = ["MaskedViT"]
 MaskMode = Literal["mask_token", "visible"]
 
 
+_SUPPORTED_FAMILIES = ("timm.models.vision_transformer", "timm.models.beit")
+
+
+def _has_relative_position_bias(beit: Any) -> bool:
+    shared = beit.rel_pos_bias is not None
+    return shared or any(block.attn.relative_position_bias_table is not None for block in beit.blocks)
+
+
 class MaskedViT(nn.Module):
     """Wraps a timm ``VisionTransformer`` or ``Beit`` so that it can encode masked images.
 
@@ -34,29 +42,39 @@ class MaskedViT(nn.Module):
         arch: timm model name, e.g. ``"vit_base_patch16_224"`` or ``"beit_base_patch16_224"``.
         mode: ``"mask_token"`` or ``"visible"``.
         pretrained: Load timm's pretrained weights (needs them in the local cache).
-        **timm_kwargs: Passed to ``timm.create_model`` (they override the architecture's defaults).
+        **timm_kwargs: Passed to ``timm.create_model`` (they override the architecture's defaults;
+            ``num_classes`` defaults to 0 and ``global_pool`` to ``"token"``).
     """
 
     def __init__(self, arch: str, mode: MaskMode = "mask_token", pretrained: bool = False, **timm_kwargs: Any) -> None:
         super().__init__()
         if mode not in ("mask_token", "visible"):
             raise ValueError(f"mode must be 'mask_token' or 'visible', got {mode!r}")
-        if arch not in timm.list_models():
+        name = timm.models.split_model_name_tag(arch)[0]
+        if not timm.is_model(name):
             raise ValueError(f"unknown timm architecture {arch!r} (see timm.list_models('*vit*'))")
+        family = timm.models.model_entrypoint(name).__module__
+        if family not in _SUPPORTED_FAMILIES:
+            raise TypeError(f"{arch!r} is a {family} model; MaskedViT needs a timm ViT or BEiT")
         timm_kwargs.setdefault("num_classes", 0)
-        self.vit = timm.create_model(arch, pretrained=pretrained, **timm_kwargs)
+        # "token" pooling keeps timm's final norm on every token (with "avg" it moves to fc_norm,
+        # after pooling), as the pre-training code of BEiT, MAE and ConMIM has it.
+        timm_kwargs.setdefault("global_pool", "token")
+        # typed Any: timm's submodules (blocks, norms, tokens) are reached by attribute below
+        self.vit: Any = timm.create_model(arch, pretrained=pretrained, **timm_kwargs)
         if not isinstance(self.vit, (VisionTransformer, Beit)):
             raise TypeError(f"{arch!r} builds a {type(self.vit).__name__}; MaskedViT needs a timm ViT or BEiT")
         self.is_beit = isinstance(self.vit, Beit)
-        if mode == "visible" and self.is_beit and self.vit.rel_pos_bias is not None:
-            raise ValueError("mode='visible' is not supported with a shared relative position bias")
-        if mode == "visible" and self.is_beit and any(b.attn.relative_position_bias_table is not None for b in self.vit.blocks):
-            raise ValueError("mode='visible' is not supported with relative position bias")
+        if mode == "visible" and self.is_beit and _has_relative_position_bias(self.vit):
+            raise ValueError("mode='visible' is not supported with relative position bias (it needs the full grid)")
         self.mode = mode
         self.arch = arch
         self.embed_dim: int = self.vit.embed_dim
         self.num_prefix_tokens: int = self.vit.num_prefix_tokens
-        self.grid_size: tuple[int, int] = tuple(self.vit.patch_embed.grid_size)  # type: ignore[assignment]
+        self.grid_size: tuple[int, int] = (
+            int(self.vit.patch_embed.grid_size[0]),
+            int(self.vit.patch_embed.grid_size[1]),
+        )
         self.num_patches: int = self.grid_size[0] * self.grid_size[1]
         if mode == "mask_token":
             self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))

@@ -1,0 +1,92 @@
+"""Run by tests/test_ddp.py in subprocesses: 2-process CPU (gloo) checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def info_nce_case(out: str) -> None:
+    """Loss and gradients of info_nce on 2 ranks x B against one process on 2B."""
+    from lightning_mim.losses import info_nce
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(0)
+    query_all = torch.randn(2 * 4, 8, generator=g)
+    key_all = torch.randn(2 * 4, 8, generator=g)
+    results = {}
+    for key_grad in (False, True):
+        q = query_all[rank * 4 : (rank + 1) * 4].clone().requires_grad_(True)
+        k = key_all[rank * 4 : (rank + 1) * 4].clone().requires_grad_(key_grad)
+        loss = info_nce(q, k, 0.2)
+        loss.backward()
+        # One process on 2B averages over 2B queries; each rank averages over its B: scale by 1/world.
+        # (Key gradients already hold every rank's contribution, summed by the all-gather backward.)
+        grads = [q.grad] + ([k.grad] if key_grad else [])
+        for grad in grads:
+            grad /= world
+        losses = [torch.zeros(()) for _ in range(world)]
+        dist.all_gather(losses, loss.detach())
+        q_grads = [torch.zeros_like(q) for _ in range(world)]
+        dist.all_gather(q_grads, q.grad)
+        entry = {"loss": float(sum(losses) / world), "q_grad": torch.cat(q_grads).tolist()}
+        if key_grad:
+            k_grads = [torch.zeros_like(k) for _ in range(world)]
+            dist.all_gather(k_grads, k.grad)
+            entry["k_grad"] = torch.cat(k_grads).tolist()
+        results[str(key_grad)] = entry
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(results, f)
+    dist.destroy_process_group()
+
+
+def conmim_case(out: str, devices: int) -> None:
+    """A few ConMIM steps under Lightning DDP; teacher checksums per rank and the kNN accuracy."""
+    import lightning.pytorch as pl
+
+    from lightning_mim import ConMIMModule
+    from lightning_mim.callbacks import OnlineKNN
+    from lightning_mim.data import SampleDataModule
+    from lightning_mim.optim import OptimConfig
+
+    pl.seed_everything(0)
+    module = ConMIMModule(
+        backbone_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2},
+        proj_hidden_dim=64,
+        proj_dim=32,
+        momentum=0.9,
+        optim=OptimConfig(lr=1e-3, warmup_steps=0),
+    )
+    dm = SampleDataModule(batch_size=8, num_workers=0, train_size=64, val_size=25)
+    knn = OnlineKNN(k=5, batch_size=16)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        max_steps=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=[knn],
+    )
+    trainer.fit(module, dm)
+    checksum = float(sum(p.double().sum() for p in module.teacher.parameters()))
+    with open(f"{out}.rank{trainer.global_rank}", "w") as f:
+        json.dump({"teacher_checksum": checksum, "knn": knn.history, "teacher_changed": checksum != 0.0}, f)
+
+
+if __name__ == "__main__":
+    case, out = sys.argv[1], sys.argv[2]
+    if case == "info_nce":
+        info_nce_case(out)
+    else:
+        conmim_case(out, int(os.environ.get("DEVICES", "2")))

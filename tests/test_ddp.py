@@ -1,0 +1,74 @@
+"""Two CPU processes (gloo): gathered InfoNCE is exact, the EMA teacher stays identical across ranks,
+and OnlineKNN on 2 ranks equals 1 rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_mim.losses import info_nce
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+ROOT = WORKER.parents[1]
+
+
+def run(args: list[str], env: dict[str, str] | None = None, timeout: int = 300) -> None:
+    result = subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_info_nce_two_ranks_equals_one_process_on_the_whole_batch(tmp_path: Path) -> None:
+    out = tmp_path / "info_nce.json"
+    run(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29533",
+            str(WORKER),
+            "info_nce",
+            str(out),
+        ]
+    )
+    results = json.loads(out.read_text())
+    g = torch.Generator().manual_seed(0)
+    query, key = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
+    for key_grad in (False, True):
+        q = query.clone().requires_grad_(True)
+        k = key.clone().requires_grad_(key_grad)
+        loss = info_nce(q, k, 0.2)
+        loss.backward()
+        entry = results[str(key_grad)]
+        assert entry["loss"] == pytest.approx(loss.item(), rel=1e-6)
+        assert torch.allclose(torch.tensor(entry["q_grad"]), q.grad, atol=1e-6)
+        if key_grad:
+            assert torch.allclose(torch.tensor(entry["k_grad"]), k.grad, atol=1e-6)
+
+
+def test_conmim_ddp_teacher_identical_and_knn_exact(tmp_path: Path) -> None:
+    out = tmp_path / "conmim"
+    run([str(WORKER), "conmim", str(out)], env={"DEVICES": "2"})
+    rank0 = json.loads(Path(f"{out}.rank0").read_text())
+    rank1 = json.loads(Path(f"{out}.rank1").read_text())
+    assert rank0["teacher_checksum"] == rank1["teacher_checksum"]  # bit-identical teachers
+    single = tmp_path / "single"
+    run([str(WORKER), "conmim", str(single)], env={"DEVICES": "1"})
+    one = json.loads(Path(f"{single}.rank0").read_text())
+    # the kNN before training does not depend on the data order: 2 ranks must give the 1-rank value
+    assert rank0["knn"][0][1] == pytest.approx(one["knn"][0][1], abs=1e-6)
+    assert rank0["knn"][0][1] == rank1["knn"][0][1]

@@ -1,0 +1,34 @@
+"""The full quickstart, exactly as the README runs it: it must finish in time and learn."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quickstart_learns_within_six_minutes(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "lightning_mim", "fit", "--config", str(ROOT / "configs/quickstart/conmim.yaml")]
+    start = time.perf_counter()
+    result = subprocess.run(
+        cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900, env={**os.environ, "WANDB_MODE": "offline"}
+    )
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = next((tmp_path / "runs/quickstart/conmim/csv").glob("version_*/metrics.csv"))
+    knn = [float(row["val/knn_top1"]) for row in csv.DictReader(metrics.open()) if row.get("val/knn_top1")]
+    checkpoints = list((tmp_path / "runs/quickstart/conmim").rglob("*.ckpt"))
+    print(f"quickstart: {elapsed:.0f} s, kNN top-1 {knn}")
+    assert len(knn) >= 2, knn
+    assert knn[-1] >= knn[0] + 2.0, f"kNN top-1 went from {knn[0]} to {knn[-1]}"
+    assert elapsed < 360, f"quickstart took {elapsed:.0f} s"
+    assert checkpoints, "no checkpoint written"
+    assert list((tmp_path / "runs/quickstart/conmim/wandb").glob("offline-run-*")), "no offline wandb run"
