@@ -44,6 +44,15 @@ class MaskGenerator(ABC):
         """Masks for ``batch_size`` images, computed on the generator's device, returned on ``device``."""
 
 
+def _to_device(mask: Tensor, device: torch.device | str | None) -> Tensor:
+    """Moves a mask to ``device``; host-to-GPU copies go through pinned memory without blocking the host."""
+    if device is None or mask.device == torch.device(device):
+        return mask
+    if mask.device.type == "cpu" and torch.device(device).type == "cuda":
+        return mask.pin_memory().to(device, non_blocking=True)
+    return mask.to(device)
+
+
 def _grid(input_size: int | tuple[int, int]) -> tuple[int, int]:
     height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
     if height < 1 or width < 1:
@@ -91,7 +100,7 @@ class RandomMasking(MaskGenerator):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         mask = _random_subset_mask(batch_size, self.num_patches, self.num_masking_patches, generator)
-        return mask.to(device) if device is not None else mask
+        return _to_device(mask, device)
 
     def __repr__(self) -> str:
         return f"RandomMasking(input_size=({self.height}, {self.width}), mask_ratio={self.mask_ratio})"
@@ -133,7 +142,7 @@ class GridMasking(MaskGenerator):
         cells = cells.view(batch_size, self.height // k, self.width // k)
         mask = cells.repeat_interleave(k, dim=1).repeat_interleave(k, dim=2)  # (B, H, W)
         mask = mask.reshape(batch_size, self.num_patches)
-        return mask.to(device) if device is not None else mask
+        return _to_device(mask, device)
 
     def __repr__(self) -> str:
         return (
@@ -239,7 +248,7 @@ class BlockMasking(MaskGenerator):
             mask |= chosen
             active &= accepted
         mask = mask.view(batch_size, self.num_patches)
-        return mask.to(device) if device is not None else mask
+        return _to_device(mask, device)
 
     def __repr__(self) -> str:
         return (
