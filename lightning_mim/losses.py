@@ -12,7 +12,7 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["info_nce", "patch_contrastive_loss"]
+__all__ = ["info_nce", "masked_patch_mse", "patch_contrastive_loss", "patchify"]
 
 
 def patch_contrastive_loss(student: Tensor, teacher: Tensor, mask: Tensor, temperature: float = 0.1) -> Tensor:
@@ -92,3 +92,42 @@ def info_nce(query: Tensor, key: Tensor, temperature: float, gather: bool = True
     logits = q @ k.T / temperature  # (B, world * B)
     labels = torch.arange(q.shape[0], device=q.device) + offset
     return F.cross_entropy(logits, labels)
+
+
+def patchify(images: Tensor, patch_size: int) -> Tensor:
+    """(B, C, H, W) -> (B, N, P*P*C) patches in row-major grid order, pixels ordered (p, q, c) as in MAE."""
+    batch, channels, height, width = images.shape
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"image size {height}x{width} is not divisible by the patch size {patch_size}")
+    h, w = height // patch_size, width // patch_size
+    x = images.reshape(batch, channels, h, patch_size, w, patch_size)
+    return torch.einsum("nchpwq->nhwpqc", x).reshape(batch, h * w, patch_size * patch_size * channels)
+
+
+def masked_patch_mse(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool = True, eps: float = 1e-6) -> Tensor:
+    """Mean squared error over masked patches (MAE, CMAE).
+
+    With ``norm_pix`` each target patch is normalised by its own mean and *unbiased* variance:
+    ``(t - mean) / sqrt(var + eps)``. The loss is ``sum_i m_i * mean_d (p_i - t_i)^2 / sum_i m_i``.
+
+    Args:
+        pred: Predicted patches, (B, N, D).
+        target: Target patches (e.g. :func:`patchify` of the image), (B, N, D).
+        mask: Bool (B, N), True where the patch was masked (only those count).
+        norm_pix: Normalise each target patch.
+        eps: Added to the variance.
+
+    Returns:
+        The scalar loss (float32).
+    """
+    if pred.shape != target.shape or pred.shape[:2] != mask.shape:
+        raise ValueError(
+            f"expected pred, target (B, N, D) and mask (B, N); got {tuple(pred.shape)}, "
+            f"{tuple(target.shape)} and {tuple(mask.shape)}"
+        )
+    target = target.float()
+    if norm_pix:
+        target = (target - target.mean(dim=-1, keepdim=True)) / (target.var(dim=-1, keepdim=True) + eps).sqrt()
+    per_patch = (pred.float() - target).pow(2).mean(dim=-1)  # (B, N)
+    weights = mask.float()
+    return (per_patch * weights).sum() / weights.sum().clamp(min=1.0)

@@ -29,6 +29,10 @@ class MaskGenerator(ABC):
 
     height: int
     width: int
+    #: Whether every mask has exactly ``num_masking_patches`` masked patches (needed by encoders that
+    #: drop masked tokens, e.g. MAE and CMAE).
+    fixed_count: bool = True
+    num_masking_patches: int
 
     @property
     def num_patches(self) -> int:
@@ -174,6 +178,8 @@ class BlockMasking(MaskGenerator):
         max_aspect: Largest aspect ratio (default ``1 / min_aspect``).
         attempts: Draws per block before giving up.
     """
+
+    fixed_count = False  # num_masking_patches is an upper bound
 
     def __init__(
         self,

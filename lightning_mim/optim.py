@@ -126,6 +126,11 @@ def _warmup_steps(trainer: pl.Trainer, config: OptimConfig) -> int:
     if config.warmup_epochs == 0:
         return 0
     batches = trainer.num_training_batches
+    if not math.isfinite(batches) and trainer.train_dataloader is None:
+        # A step-limited run (max_epochs=-1) has not loaded its dataloader yet; Lightning's own
+        # estimated_stepping_batches loads it the same way.
+        trainer.fit_loop.setup_data()
+        batches = trainer.num_training_batches
     if not math.isfinite(batches):
         raise ValueError("warmup_epochs needs a sized train dataloader; set warmup_steps instead")
     steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)

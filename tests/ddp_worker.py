@@ -46,23 +46,39 @@ def info_nce_case(out: str) -> None:
     dist.destroy_process_group()
 
 
-def conmim_case(out: str, devices: int) -> None:
-    """A few ConMIM steps under Lightning DDP; teacher checksums per rank and the kNN accuracy."""
+def method_case(out: str, devices: int, method: str) -> None:
+    """A few steps of a method under Lightning DDP; teacher checksums per rank and the kNN accuracy."""
     import lightning.pytorch as pl
 
-    from lightning_mim import ConMIMModule
+    from lightning_mim import CMAEModule, ConMIMModule
     from lightning_mim.callbacks import OnlineKNN
     from lightning_mim.data import SampleDataModule
     from lightning_mim.optim import OptimConfig
 
     pl.seed_everything(0)
-    module = ConMIMModule(
-        backbone_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2},
-        proj_hidden_dim=64,
-        proj_dim=32,
-        momentum=0.9,
-        optim=OptimConfig(lr=1e-3, warmup_steps=0),
-    )
+    optim = OptimConfig(lr=1e-3, warmup_steps=0)
+    if method == "conmim":
+        module: pl.LightningModule = ConMIMModule(
+            backbone_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2},
+            proj_hidden_dim=64,
+            proj_dim=32,
+            momentum=0.9,
+            optim=optim,
+        )
+        teacher = module.teacher
+    else:
+        module = CMAEModule(
+            backbone="vit_small_patch16_224",
+            backbone_kwargs={"img_size": 32, "patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 2},
+            decoder_dim=32,
+            decoder_depth=1,
+            decoder_heads=2,
+            proj_hidden_dim=64,
+            proj_dim=16,
+            momentum=0.9,
+            optim=optim,
+        )
+        teacher = module.target_encoder
     dm = SampleDataModule(batch_size=8, num_workers=0, train_size=64, val_size=25)
     knn = OnlineKNN(k=5, batch_size=16)
     trainer = pl.Trainer(
@@ -79,7 +95,7 @@ def conmim_case(out: str, devices: int) -> None:
         callbacks=[knn],
     )
     trainer.fit(module, dm)
-    checksum = float(sum(p.double().sum() for p in module.teacher.parameters()))
+    checksum = float(sum(p.double().sum() for p in teacher.parameters()))
     with open(f"{out}.rank{trainer.global_rank}", "w") as f:
         json.dump({"teacher_checksum": checksum, "knn": knn.history, "teacher_changed": checksum != 0.0}, f)
 
@@ -89,4 +105,4 @@ if __name__ == "__main__":
     if case == "info_nce":
         info_nce_case(out)
     else:
-        conmim_case(out, int(os.environ.get("DEVICES", "2")))
+        method_case(out, int(os.environ.get("DEVICES", "2")), case)

@@ -60,14 +60,15 @@ def test_info_nce_two_ranks_equals_one_process_on_the_whole_batch(tmp_path: Path
             assert torch.allclose(torch.tensor(entry["k_grad"]), k.grad, atol=1e-6)
 
 
-def test_conmim_ddp_teacher_identical_and_knn_exact(tmp_path: Path) -> None:
-    out = tmp_path / "conmim"
-    run([str(WORKER), "conmim", str(out)], env={"DEVICES": "2"})
+@pytest.mark.parametrize("method", ["conmim", "cmae"])
+def test_ddp_teacher_identical_and_knn_exact(method: str, tmp_path: Path) -> None:
+    out = tmp_path / method
+    run([str(WORKER), method, str(out)], env={"DEVICES": "2"})
     rank0 = json.loads(Path(f"{out}.rank0").read_text())
     rank1 = json.loads(Path(f"{out}.rank1").read_text())
     assert rank0["teacher_checksum"] == rank1["teacher_checksum"]  # bit-identical teachers
     single = tmp_path / "single"
-    run([str(WORKER), "conmim", str(single)], env={"DEVICES": "1"})
+    run([str(WORKER), method, str(single)], env={"DEVICES": "1"})
     one = json.loads(Path(f"{single}.rank0").read_text())
     # the kNN before training does not depend on the data order: 2 ranks must give the 1-rank value
     assert rank0["knn"][0][1] == pytest.approx(one["knn"][0][1], abs=1e-6)

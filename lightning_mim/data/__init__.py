@@ -2,13 +2,15 @@
 
 from lightning_mim.data.datamodule import ImageNetDataModule, SampleDataModule, load_sample
 from lightning_mim.data.folder import ImageFolderDataset, TensorImageDataset, decode_rgb
-from lightning_mim.data.views import ConMIMViews, EvalView, normalize
+from lightning_mim.data.views import CMAEViews, ConMIMViews, EvalView, MAEViews, normalize
 
 __all__ = [
+    "CMAEViews",
     "ConMIMViews",
     "EvalView",
     "ImageFolderDataset",
     "ImageNetDataModule",
+    "MAEViews",
     "SampleDataModule",
     "TensorImageDataset",
     "decode_rgb",

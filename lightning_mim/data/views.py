@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torchvision.transforms import InterpolationMode, v2
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ConMIMViews", "EvalView", "normalize"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "CMAEViews", "ConMIMViews", "EvalView", "MAEViews", "normalize"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -98,6 +98,85 @@ class EvalView:
         resize = math.floor(size / crop_fraction) if crop_fraction < 1 else size
         self.transform = v2.Compose(
             [v2.Resize(resize, interpolation=InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(size)]
+        )
+
+    def __call__(self, image: Tensor) -> dict[str, Tensor]:
+        return {"images": self.transform(image)}
+
+
+class CMAEViews:
+    """CMAE's pixel-shifted views of one image, from one decode.
+
+    A random resized crop to ``size + shift`` pixels (scale (0.2, 1), bicubic) and a horizontal flip
+    give the base image. The online view is its top-left ``size`` crop, unchanged; the target view
+    is the ``size`` crop at offsets (dy, dx) drawn uniformly from {0, ..., shift - 1}, then colour
+    jitter, grayscale and Gaussian blur. Values from the official code (256 -> 224, shift 32).
+
+    Args:
+        size: Output side in pixels.
+        shift: Extra base side in pixels; offsets are drawn below it.
+        scale: Crop area range of the random resized crop.
+        color_jitter: Brightness, contrast, saturation, hue strengths.
+        color_jitter_p: Probability of colour jitter.
+        grayscale_p: Probability of grayscale.
+        blur_p: Probability of Gaussian blur.
+        blur_sigma: Blur sigma range.
+    """
+
+    def __init__(
+        self,
+        size: int = 224,
+        shift: int = 32,
+        scale: tuple[float, float] = (0.2, 1.0),
+        color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1),
+        color_jitter_p: float = 0.8,
+        grayscale_p: float = 0.2,
+        blur_p: float = 0.5,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+    ) -> None:
+        if shift < 1:
+            raise ValueError(f"shift must be >= 1, got {shift}")
+        self.size = size
+        self.shift = shift
+        self.base = v2.Compose(
+            [
+                v2.RandomResizedCrop(
+                    size + shift, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True
+                ),
+                v2.RandomHorizontalFlip(0.5),
+            ]
+        )
+        brightness, contrast, saturation, hue = color_jitter
+        self.color = v2.Compose(
+            [
+                v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=color_jitter_p),
+                v2.RandomGrayscale(grayscale_p),
+                v2.RandomApply([v2.GaussianBlur(_blur_kernel(size), sigma=blur_sigma)], p=blur_p),
+            ]
+        )
+
+    def __call__(self, image: Tensor) -> dict[str, Tensor]:
+        base = self.base(image)
+        dy, dx = torch.randint(0, self.shift, (2,)).tolist()
+        online = base[:, : self.size, : self.size]
+        target = base[:, dy : dy + self.size, dx : dx + self.size]
+        return {"images": online.contiguous(), "target_images": self.color(target).contiguous()}
+
+
+class MAEViews:
+    """MAE's single view: random resized crop (scale (0.2, 1), bicubic) and horizontal flip.
+
+    Args:
+        size: Output side in pixels.
+        scale: Crop area range.
+    """
+
+    def __init__(self, size: int = 224, scale: tuple[float, float] = (0.2, 1.0)) -> None:
+        self.transform = v2.Compose(
+            [
+                v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True),
+                v2.RandomHorizontalFlip(0.5),
+            ]
         )
 
     def __call__(self, image: Tensor) -> dict[str, Tensor]:

@@ -24,6 +24,8 @@ class BNProjector(nn.Sequential):
         num_layers: Number of linear layers (>= 1).
         last_bn: Put a BatchNorm after the last linear layer.
         last_bn_affine: Give that last BatchNorm learnable scale and shift.
+        hidden_bias: Give the hidden linear layers a bias (CMAE's projector and predictor do).
+        bn_eps: BatchNorm epsilon.
     """
 
     def __init__(
@@ -34,17 +36,20 @@ class BNProjector(nn.Sequential):
         num_layers: int = 3,
         last_bn: bool = True,
         last_bn_affine: bool = False,
+        hidden_bias: bool = False,
+        bn_eps: float = 1e-5,
     ) -> None:
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         layers: list[nn.Module] = []
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
         for i, (d_in, d_out) in enumerate(itertools.pairwise(dims)):
-            layers.append(nn.Linear(d_in, d_out, bias=False))
-            if i < num_layers - 1:
-                layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+            hidden = i < num_layers - 1
+            layers.append(nn.Linear(d_in, d_out, bias=hidden and hidden_bias))
+            if hidden:
+                layers += [nn.BatchNorm1d(d_out, eps=bn_eps), nn.ReLU(inplace=True)]
             elif last_bn:
-                layers.append(nn.BatchNorm1d(d_out, affine=last_bn_affine))
+                layers.append(nn.BatchNorm1d(d_out, eps=bn_eps, affine=last_bn_affine))
         super().__init__(*layers)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -11,9 +11,21 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["MaskedViT"]
+__all__ = ["MaskedViT", "visible_indices"]
 
 MaskMode = Literal["mask_token", "visible"]
+
+
+def visible_indices(mask: Tensor, num_visible: int | None = None) -> Tensor:
+    """Grid indices of the visible (False) patches of each row of ``mask`` (B, N), in grid order.
+
+    Every row must have ``num_visible`` visible patches; when None it is read from the first row
+    (a device-to-host sync).
+    """
+    if num_visible is None:
+        num_visible = int((~mask[0]).sum())
+    # A stable sort puts the visible patches (False) first, in grid order.
+    return torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :num_visible]
 
 
 _SUPPORTED_FAMILIES = ("timm.models.vision_transformer", "timm.models.beit")
@@ -141,11 +153,8 @@ class MaskedViT(nn.Module):
     def _keep_visible(self, x: Tensor, mask: Tensor, num_visible: int | None) -> Tensor:
         batch, _, dim = x.shape
         prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
-        if num_visible is None:
-            num_visible = int((~mask[0]).sum())
-        # A stable sort puts the visible patches (False) first, in grid order.
-        keep = torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :num_visible]  # (B, N_visible)
-        visible = torch.gather(patches, 1, keep.unsqueeze(-1).expand(batch, num_visible, dim))
+        keep = visible_indices(mask, num_visible)  # (B, N_visible)
+        visible = torch.gather(patches, 1, keep.unsqueeze(-1).expand(batch, keep.shape[1], dim))
         return torch.cat((prefix, visible), dim=1)
 
     def patch_tokens(self, tokens: Tensor) -> Tensor:

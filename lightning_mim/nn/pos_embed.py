@@ -1,0 +1,40 @@
+"""Fixed 2-D sine-cosine position embeddings (MAE, CMAE)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["freeze_sincos_pos_embed", "sincos_2d_pos_embed"]
+
+
+def _sincos_1d(positions: Tensor, dim: int) -> Tensor:
+    """(M,) positions -> (M, dim): sin of pos * omega_i, then cos, omega_i = 10000^(-i / (dim / 2))."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    angles = positions.double()[:, None] * omega[None]  # (M, dim / 2)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def sincos_2d_pos_embed(grid_size: tuple[int, int], dim: int, cls_token: bool = True) -> Tensor:
+    """The MAE position embedding: (1, [1 +] H*W, dim), float32, row-major grid order.
+
+    The first ``dim / 2`` channels encode the column index, the last ``dim / 2`` the row index (the
+    order of MAE's reference implementation); the class-token position, if any, is all zeros.
+    """
+    if dim % 4:
+        raise ValueError(f"embedding dim must be divisible by 4, got {dim}")
+    height, width = grid_size
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    embed = torch.cat([_sincos_1d(cols.flatten(), dim // 2), _sincos_1d(rows.flatten(), dim // 2)], dim=1)
+    if cls_token:
+        embed = torch.cat([torch.zeros(1, dim, dtype=embed.dtype), embed])
+    return embed.float().unsqueeze(0)
+
+
+def freeze_sincos_pos_embed(pos_embed: nn.Parameter, grid_size: tuple[int, int]) -> None:
+    """Overwrites a (1, [1 +] N, D) position embedding with the fixed sin-cos table and freezes it."""
+    num_tokens, dim = pos_embed.shape[1], pos_embed.shape[2]
+    with_cls = num_tokens == grid_size[0] * grid_size[1] + 1
+    with torch.no_grad():
+        pos_embed.copy_(sincos_2d_pos_embed(grid_size, dim, cls_token=with_cls))
+    pos_embed.requires_grad_(False)

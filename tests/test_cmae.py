@@ -1,0 +1,183 @@
+"""CMAEModule (and MAE through it) on a tiny ViT: closed forms, visible-only encoding, target branch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_mim import CMAEModule
+from lightning_mim.data import CMAEViews, SampleDataModule
+from lightning_mim.losses import info_nce, masked_patch_mse, patchify
+from lightning_mim.masking import BlockMasking, GridMasking, RandomMasking
+from lightning_mim.nn import sincos_2d_pos_embed
+
+from .helpers import cpu_trainer
+
+TINY_VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def tiny(**kwargs) -> CMAEModule:
+    defaults = dict(
+        backbone="vit_small_patch16_224",
+        backbone_kwargs=TINY_VIT,
+        decoder_dim=32,
+        decoder_depth=1,
+        decoder_heads=2,
+        proj_hidden_dim=64,
+        proj_dim=16,
+    )
+    return CMAEModule(**{**defaults, **kwargs})
+
+
+def flat(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+def batch(size: int = 8) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (size, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return {"images": images, "target_images": images.roll(1, dims=-1)}
+
+
+def test_reconstruction_closed_form_zero_prediction() -> None:
+    # predicted pixels all 0, per-patch normalised targets with unbiased variance: (D - 1) / D
+    target = torch.rand(2, 196, 768) * 255
+    loss = masked_patch_mse(torch.zeros_like(target), target, torch.ones(2, 196, dtype=torch.bool))
+    assert loss.item() == pytest.approx(767 / 768, abs=1e-5)
+    assert pytest.approx(0.998698, abs=1e-6) == 767 / 768
+
+
+def test_reconstruction_counts_masked_patches_only() -> None:
+    pred, target = torch.randn(2, 4, 6), torch.randn(2, 4, 6)
+    mask = torch.tensor([[True, False, False, True], [False, False, True, False]])
+    t = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6).sqrt()
+    expected = ((pred - t) ** 2).mean(-1)[mask].mean()
+    assert masked_patch_mse(pred, target, mask).item() == pytest.approx(expected.item(), rel=1e-6)
+    raw = ((pred - target) ** 2).mean(-1)[mask].mean()
+    assert masked_patch_mse(pred, target, mask, norm_pix=False).item() == pytest.approx(raw.item(), rel=1e-6)
+
+
+def test_contrastive_closed_form_identical_features() -> None:
+    # all s and t rows identical, global batch 8: 2 tau ln 8 = 0.14 ln 8
+    same = torch.ones(8, 16)
+    assert (2 * 0.07 * info_nce(same, same, 0.07)).item() == pytest.approx(0.291122, abs=1e-6)
+
+
+def test_patchify_layout() -> None:
+    images = torch.arange(2 * 3 * 4 * 4, dtype=torch.float).reshape(2, 3, 4, 4)
+    patches = patchify(images, 2)  # (2, 4, 12)
+    assert patches.shape == (2, 4, 12)
+    # patch 1 (row 0, col 1), pixel (p=0, q=1), channel 2
+    assert patches[0, 1, (0 * 2 + 1) * 3 + 2] == images[0, 2, 0, 3]
+
+
+def test_sincos_position_embedding_values() -> None:
+    embed = sincos_2d_pos_embed((2, 3), 8, cls_token=True)  # (1, 7, 8)
+    assert embed.shape == (1, 7, 8) and torch.equal(embed[0, 0], torch.zeros(8))
+    # token for row 1, col 2: first half encodes the column, second half the row
+    omega = [1.0, 0.01]
+    col, row = 2.0, 1.0
+    expected = [math.sin(col * w) for w in omega] + [math.cos(col * w) for w in omega]
+    expected += [math.sin(row * w) for w in omega] + [math.cos(row * w) for w in omega]
+    assert torch.allclose(embed[0, 1 + 1 * 3 + 2], torch.tensor(expected), atol=1e-6)
+
+
+def test_default_structure_is_the_official_one() -> None:
+    module = CMAEModule(decoder_depth=1, feature_decoder_depth=1)  # ViT-B/16 at 224
+    assert isinstance(module.masking, GridMasking) and module.num_visible == 68
+    vit = module.encoder.vit
+    assert not vit.pos_embed.requires_grad
+    assert torch.allclose(vit.pos_embed, sincos_2d_pos_embed((14, 14), 768))
+    assert isinstance(module.target_encoder.vit.norm, nn.Identity) and isinstance(vit.norm, nn.LayerNorm)
+    projector = [type(m).__name__ for m in module.online_heads.projector]
+    assert projector == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert module.online_heads.projector[0].in_features == 768 and module.online_heads.projector[3].bias is None
+    assert module.online_heads.projector[1].eps == 1e-6
+    assert module.pixel_decoder.head.out_features == 768 and module.pixel_decoder.embed.out_features == 512
+
+
+def test_encoder_blocks_see_only_visible_tokens() -> None:
+    module = tiny()
+    seen: list[int] = []
+    module.encoder.vit.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    module.training_step(batch(), 0)
+    # online encoder: 1 + visible; target encoder (a copy, not hooked) runs separately
+    assert seen == [1 + module.num_visible] and module.num_visible == 64 - 44  # 11 of 16 cells masked
+
+
+def test_target_branch_gets_no_gradients_and_decoders_are_not_averaged() -> None:
+    module = tiny()
+    module.training_step(batch(), 0).backward()
+    assert all(p.grad is None for p in module.target_encoder.parameters())
+    assert all(p.grad is None for p in module.target_projector.parameters())
+    pairs = module.momentum_pairs()
+    averaged = {id(p) for student, _ in pairs for p in student.parameters()}
+    assert not any(id(p) in averaged for p in module.pixel_decoder.parameters())
+    assert not any(id(p) in averaged for p in module.online_heads.feature_decoder.parameters())
+    assert not any(id(p) in averaged for p in module.online_heads.predictor.parameters())
+
+
+def test_target_moves_only_by_ema() -> None:
+    dm = SampleDataModule(batch_size=8, num_workers=0, train_size=32, val_size=8, train_views=CMAEViews(32, shift=4))
+    module = tiny(momentum=1.0)
+    target0 = flat(module.target_encoder).clone()
+    cpu_trainer(max_steps=3, limit_val_batches=0).fit(module, dm)
+    assert torch.equal(flat(module.target_encoder), target0)  # momentum 1: frozen while the encoder trains
+    module = tiny(momentum=0.0)
+    cpu_trainer(max_steps=2, limit_val_batches=0).fit(module, dm)
+    online = dict(module.encoder.named_parameters())
+    for name, param in module.target_encoder.named_parameters():
+        assert torch.equal(param, online[name]), name  # momentum 0: a copy of the online encoder
+    assert torch.equal(flat(module.target_projector), flat(module.online_heads.projector))
+
+
+def test_logs_both_terms_and_learns_on_a_fixed_batch() -> None:
+    torch.manual_seed(0)
+    module = tiny()
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=2e-3)
+    data = batch(16)
+    losses = []
+    for _ in range(25):
+        loss = module.training_step(data, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3, losses
+
+
+def test_mae_mode_builds_no_target_branch() -> None:
+    module = tiny(contrastive_weight=0.0, masking=RandomMasking(8, 0.75))
+    assert not hasattr(module, "target_encoder") and not hasattr(module, "online_heads")
+    assert module.momentum_pairs() == [] and module.configure_callbacks() == []
+    assert type(module.train_views()).__name__ == "MAEViews"
+    loss = module.training_step({"images": batch()["images"]}, 0)
+    assert loss.isfinite()
+
+
+def test_invalid_configurations() -> None:
+    with pytest.raises(ValueError, match="fixed count"):
+        tiny(masking=BlockMasking(8, 20, 4))
+    with pytest.raises(ValueError, match="does not match"):
+        tiny(masking=GridMasking(14, 2, 0.65))
+    with pytest.raises(ValueError, match="not a CMAE checkpoint"):
+        tiny().on_load_checkpoint({"lightning_mim": {"method": "conmim"}})
+
+
+def test_pixel_shifted_views() -> None:
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 50, 60), dtype=torch.uint8)
+    views = CMAEViews(size=32, shift=4, color_jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+    for _ in range(5):
+        out = views(image)
+        online, target = out["images"], out["target_images"]
+        assert online.shape == target.shape == (3, 32, 32)
+        # without colour augmentation the target is the online view shifted by (dy, dx) < 4
+        found = any(
+            torch.equal(online[:, dy:, dx:], target[:, : 32 - dy, : 32 - dx]) for dy in range(4) for dx in range(4)
+        )
+        assert found
