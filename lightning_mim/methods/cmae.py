@@ -26,7 +26,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 
@@ -87,7 +89,8 @@ class CMAEModule(pl.LightningModule):
         contrastive_weight: Weight of the contrastive loss (official: 1); 0 builds no target
             branch and gives MAE.
         momentum: Constant EMA momentum of the target branch (official: 0.996).
-        sync_batchnorm: Synchronise projector/predictor BatchNorm statistics across ranks.
+        sync_batchnorm: Synchronise projector/predictor BatchNorm statistics across GPUs (torch's
+            SyncBatchNorm needs CUDA; multi-process CPU runs warn and keep per-rank statistics).
         optim: AdamW + warmup-cosine settings; default ``CMAE_OPTIM``.
         mean: Normalisation mean (of images in [0, 1]).
         std: Normalisation std.
@@ -190,10 +193,15 @@ class CMAEModule(pl.LightningModule):
         return [EMATeacher(momentum=self.momentum, final_momentum=self.momentum, schedule="constant")]
 
     def setup(self, stage: str) -> None:
-        if self.contrastive and self.sync_batchnorm and self.trainer.world_size > 1:
-            # The official code synchronises these BatchNorms across GPUs.
-            self.online_heads = nn.SyncBatchNorm.convert_sync_batchnorm(self.online_heads)
-            self.target_projector = nn.SyncBatchNorm.convert_sync_batchnorm(self.target_projector)
+        if not (self.contrastive and self.sync_batchnorm and self.trainer.world_size > 1):
+            return
+        if not isinstance(self.trainer.accelerator, CUDAAccelerator):
+            # torch's SyncBatchNorm runs on GPUs only; elsewhere each rank keeps its own statistics.
+            rank_zero_warn("CMAE: BatchNorm statistics are not synchronised across ranks (SyncBatchNorm needs GPUs)")
+            return
+        # The official code synchronises these BatchNorms across GPUs.
+        self.online_heads = nn.SyncBatchNorm.convert_sync_batchnorm(self.online_heads)
+        self.target_projector = nn.SyncBatchNorm.convert_sync_batchnorm(self.target_projector)
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         trainable = nn.ModuleDict({"encoder": self.encoder, "pixel_decoder": self.pixel_decoder})

@@ -33,6 +33,8 @@ class MAEDecoder(nn.Module):
         num_prefix_tokens: Prefix (class) tokens in the encoder output.
     """
 
+    pos_embed: Tensor
+
     def __init__(
         self,
         grid_size: tuple[int, int],
@@ -53,9 +55,9 @@ class MAEDecoder(nn.Module):
         pos = sincos_2d_pos_embed(grid_size, dim, cls_token=False)  # (1, N, dim)
         self.register_buffer("pos_embed", pos, persistent=False)
         self.blocks = nn.Sequential(
-            *[Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=_layer_norm) for _ in range(depth)]
+            *[Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=_LayerNorm) for _ in range(depth)]
         )
-        self.norm = _layer_norm(dim)
+        self.norm = _LayerNorm(dim)
         self.head = nn.Linear(dim, out_dim)
         self.reset_parameters()
 
@@ -87,5 +89,8 @@ class MAEDecoder(nn.Module):
         return self.head(x[:, self.num_prefix_tokens :])  # (B, N, out_dim)
 
 
-def _layer_norm(dim: int, **kwargs: Any) -> nn.LayerNorm:
-    return nn.LayerNorm(dim, eps=1e-6, **kwargs)
+class _LayerNorm(nn.LayerNorm):
+    """LayerNorm with MAE's epsilon, 1e-6."""
+
+    def __init__(self, dim: int, **kwargs: Any) -> None:
+        super().__init__(dim, eps=1e-6, **kwargs)
