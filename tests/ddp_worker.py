@@ -50,7 +50,7 @@ def method_case(out: str, devices: int, method: str) -> None:
     """A few steps of a method under Lightning DDP; teacher checksums per rank and the kNN accuracy."""
     import lightning.pytorch as pl
 
-    from lightning_mim import CMAEModule, ConMIMModule
+    from lightning_mim import CMAEModule, ConMIMModule, MoCoV3Module
     from lightning_mim.callbacks import OnlineKNN
     from lightning_mim.data import SampleDataModule
     from lightning_mim.optim import OptimConfig
@@ -66,6 +66,15 @@ def method_case(out: str, devices: int, method: str) -> None:
             optim=optim,
         )
         teacher = module.teacher
+    elif method == "mocov3":
+        module = MoCoV3Module(
+            backbone_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2},
+            proj_hidden_dim=64,
+            proj_dim=16,
+            momentum=0.9,
+            optim=optim,
+        )
+        teacher = module.momentum_branch
     else:
         module = CMAEModule(
             backbone="vit_small_patch16_224",

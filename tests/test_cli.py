@@ -46,7 +46,7 @@ def test_config_parses_and_instantiates(config: Path, tmp_path: Path) -> None:
         assert "reproduces" in config.read_text()  # each recipe states the official number it targets
 
 
-@pytest.mark.parametrize("recipe", ["conmim_vitb.yaml", "cmae_vitb.yaml", "mae_vitb.yaml"])
+@pytest.mark.parametrize("recipe", ["conmim_vitb.yaml", "cmae_vitb.yaml", "mae_vitb.yaml", "mocov3_vits.yaml"])
 def test_recipe_smoke_run_on_any_image_folder(recipe: str, tmp_path: Path) -> None:
     """The documented smoke command, for the ViT-B recipes, on a folder of four images."""
     folder = image_folder(tmp_path / "images")
@@ -95,7 +95,7 @@ def test_print_config_round_trips(tmp_path: Path) -> None:
     assert cli.model.temperature == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("quickstart", ["conmim.yaml", "cmae.yaml"])
+@pytest.mark.parametrize("quickstart", ["conmim.yaml", "cmae.yaml", "mocov3.yaml"])
 def test_quickstart_runs_a_few_steps(quickstart: str, tmp_path: Path) -> None:
     args = [
         "fit",

@@ -60,7 +60,7 @@ def test_info_nce_two_ranks_equals_one_process_on_the_whole_batch(tmp_path: Path
             assert torch.allclose(torch.tensor(entry["k_grad"]), k.grad, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["conmim", "cmae"])
+@pytest.mark.parametrize("method", ["conmim", "cmae", "mocov3"])
 def test_ddp_teacher_identical_and_knn_exact(method: str, tmp_path: Path) -> None:
     out = tmp_path / method
     run([str(WORKER), method, str(out)], env={"DEVICES": "2"})

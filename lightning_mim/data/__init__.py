@@ -2,7 +2,7 @@
 
 from lightning_mim.data.datamodule import ImageNetDataModule, SampleDataModule, load_sample
 from lightning_mim.data.folder import ImageFolderDataset, TensorImageDataset, decode_rgb
-from lightning_mim.data.views import CMAEViews, ConMIMViews, EvalView, MAEViews, normalize
+from lightning_mim.data.views import CMAEViews, ConMIMViews, EvalView, MAEViews, TwoCropViews, normalize
 
 __all__ = [
     "CMAEViews",
@@ -13,6 +13,7 @@ __all__ = [
     "MAEViews",
     "SampleDataModule",
     "TensorImageDataset",
+    "TwoCropViews",
     "decode_rgb",
     "load_sample",
     "normalize",

@@ -13,7 +13,16 @@ import torch
 from torch import Tensor
 from torchvision.transforms import InterpolationMode, v2
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "CMAEViews", "ConMIMViews", "EvalView", "MAEViews", "normalize"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "CMAEViews",
+    "ConMIMViews",
+    "EvalView",
+    "MAEViews",
+    "TwoCropViews",
+    "normalize",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -181,3 +190,47 @@ class MAEViews:
 
     def __call__(self, image: Tensor) -> dict[str, Tensor]:
         return {"images": self.transform(image)}
+
+
+class TwoCropViews:
+    """Two independently augmented views of one image (BYOL's asymmetric augmentations, MoCo v3).
+
+    Each view: random resized crop (scale (0.08, 1), bicubic), colour jitter (0.4, 0.4, 0.2, 0.1) with
+    p=0.8, grayscale p=0.2, Gaussian blur, horizontal flip. The first view is always blurred and never
+    solarised; the second is blurred with p=0.1 and solarised with p=0.2 (BYOL, as used by MoCo v3).
+
+    Args:
+        size: Output side in pixels.
+        scale: Crop area range.
+        color_jitter: Brightness, contrast, saturation, hue strengths.
+        blur_p: Blur probabilities of the two views.
+        solarize_p: Solarisation probabilities of the two views.
+    """
+
+    def __init__(
+        self,
+        size: int = 224,
+        scale: tuple[float, float] = (0.08, 1.0),
+        color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+        blur_p: tuple[float, float] = (1.0, 0.1),
+        solarize_p: tuple[float, float] = (0.0, 0.2),
+    ) -> None:
+        brightness, contrast, saturation, hue = color_jitter
+
+        def view(blur: float, solarize: float) -> v2.Compose:
+            return v2.Compose(
+                [
+                    v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True),
+                    v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=0.8),
+                    v2.RandomGrayscale(0.2),
+                    v2.RandomApply([v2.GaussianBlur(_blur_kernel(size), sigma=(0.1, 2.0))], p=blur),
+                    v2.RandomSolarize(threshold=128, p=solarize),
+                    v2.RandomHorizontalFlip(0.5),
+                ]
+            )
+
+        self.first = view(blur_p[0], solarize_p[0])
+        self.second = view(blur_p[1], solarize_p[1])
+
+    def __call__(self, image: Tensor) -> dict[str, Tensor]:
+        return {"images": self.first(image), "images_2": self.second(image)}

@@ -2,5 +2,6 @@
 
 from lightning_mim.methods.cmae import CMAEModule
 from lightning_mim.methods.conmim import ConMIMModule
+from lightning_mim.methods.moco import MoCoV3Module
 
-__all__ = ["CMAEModule", "ConMIMModule"]
+__all__ = ["CMAEModule", "ConMIMModule", "MoCoV3Module"]

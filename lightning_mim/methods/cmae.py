@@ -26,9 +26,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 
@@ -38,6 +36,7 @@ from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, CMAEViews, Eva
 from lightning_mim.losses import info_nce, masked_patch_mse, patchify
 from lightning_mim.masking import GridMasking, MaskGenerator
 from lightning_mim.nn import BNProjector, MAEDecoder, MaskedViT, freeze_sincos_pos_embed
+from lightning_mim.nn.heads import sync_batchnorm_on_gpus
 from lightning_mim.optim import OptimConfig, configure_adamw
 
 __all__ = ["CMAE_OPTIM", "CMAEModule"]
@@ -193,15 +192,11 @@ class CMAEModule(pl.LightningModule):
         return [EMATeacher(momentum=self.momentum, final_momentum=self.momentum, schedule="constant")]
 
     def setup(self, stage: str) -> None:
-        if not (self.contrastive and self.sync_batchnorm and self.trainer.world_size > 1):
-            return
-        if not isinstance(self.trainer.accelerator, CUDAAccelerator):
-            # torch's SyncBatchNorm runs on GPUs only; elsewhere each rank keeps its own statistics.
-            rank_zero_warn("CMAE: BatchNorm statistics are not synchronised across ranks (SyncBatchNorm needs GPUs)")
-            return
-        # The official code synchronises these BatchNorms across GPUs.
-        self.online_heads = nn.SyncBatchNorm.convert_sync_batchnorm(self.online_heads)
-        self.target_projector = nn.SyncBatchNorm.convert_sync_batchnorm(self.target_projector)
+        if self.contrastive and self.sync_batchnorm:
+            # The official code synchronises these BatchNorms across GPUs.
+            self.online_heads, self.target_projector = sync_batchnorm_on_gpus(
+                self.trainer, self.online_heads, self.target_projector
+            )
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         trainable = nn.ModuleDict({"encoder": self.encoder, "pixel_decoder": self.pixel_decoder})

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["BNProjector"]
+__all__ = ["BNProjector", "sync_batchnorm_on_gpus"]
 
 
 class BNProjector(nn.Sequential):
@@ -55,3 +56,20 @@ class BNProjector(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         return super().forward(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)
+
+
+def sync_batchnorm_on_gpus(trainer: Any, *modules: nn.Module) -> list[nn.Module]:
+    """The ``modules`` with BatchNorm turned into SyncBatchNorm when training on several GPUs.
+
+    torch's SyncBatchNorm runs on GPUs only: on one device the modules are returned unchanged, and a
+    multi-process run without CUDA warns that statistics stay per rank.
+    """
+    from lightning.pytorch.accelerators import CUDAAccelerator
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    if trainer.world_size <= 1:
+        return list(modules)
+    if not isinstance(trainer.accelerator, CUDAAccelerator):
+        rank_zero_warn("BatchNorm statistics are not synchronised across ranks (SyncBatchNorm needs GPUs)")
+        return list(modules)
+    return [nn.SyncBatchNorm.convert_sync_batchnorm(module) for module in modules]

@@ -1,0 +1,187 @@
+"""MoCo v3 for ViT: the contrastive teacher of MimCo's first stage.
+
+Chen, Xie and He, "An Empirical Study of Training Self-Supervised Vision Transformers", ICCV 2021,
+arXiv:2104.02057.
+
+Two augmented views of each image go through a ViT (frozen random patch projection, fixed sin-cos
+position embedding), a 3-layer BatchNorm projector and a 2-layer predictor; a momentum copy of the
+encoder and projector embeds the other view. The loss is symmetric InfoNCE over the global batch,
+scaled by 2 tau.
+
+Batch keys (uint8 images, normalised on the device):
+    ``images``: (B, 3, H, W) the first view.
+    ``images_2``: (B, 3, H, W) the second view.
+    ``labels``: optional, unused for training.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import timm
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
+from torch import Tensor, nn
+
+from lightning_mim.callbacks.ema import EMATeacher
+from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView, TwoCropViews, normalize
+from lightning_mim.losses import info_nce
+from lightning_mim.nn import BNProjector, freeze_sincos_pos_embed
+from lightning_mim.nn.heads import sync_batchnorm_on_gpus
+from lightning_mim.optim import OptimConfig, configure_adamw
+
+__all__ = ["MOCOV3_OPTIM", "MoCoV3Module"]
+
+#: MoCo v3's ViT recipe: AdamW, lr 1.5e-4 per 256 images, wd 0.1, 40 warmup epochs, cosine to 0.
+MOCOV3_OPTIM = OptimConfig(lr=1.5e-4, base_batch_size=256, min_lr=0.0, weight_decay=0.1, warmup_epochs=40)
+
+
+class _Branch(nn.Module):
+    """Encoder + projector: images -> (B, proj_dim) from the CLS token after the final norm."""
+
+    def __init__(self, encoder: nn.Module, projector: BNProjector) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.projector = projector
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.projector(self.encoder(images))
+
+
+class MoCoV3Module(pl.LightningModule):
+    """MoCo v3 pre-training of a timm ViT (see the module docstring for the method and batch keys).
+
+    The momentum update of the momentum encoder and projector is installed automatically (cosine
+    schedule from ``momentum`` to ``final_momentum``).
+
+    Args:
+        backbone: timm ViT name; its CLS token after the final norm is the image feature.
+        backbone_kwargs: timm arguments (e.g. ``img_size``, ``patch_size``, ``embed_dim``).
+        proj_hidden_dim: Projector and predictor hidden width (MoCo v3: 4096).
+        proj_dim: Output width (MoCo v3: 256).
+        temperature: InfoNCE temperature (MoCo v3 ViT: 0.2); each term is scaled by 2 tau.
+        momentum: Momentum at the first step (MoCo v3: 0.99).
+        final_momentum: Momentum at the last step (MoCo v3: 1.0, cosine).
+        freeze_patch_projection: Keep the random patch projection fixed (MoCo v3's stability trick).
+        fixed_pos_embed: Use the fixed 2-D sin-cos position embedding (MoCo v3's ViT does).
+        sync_batchnorm: Synchronise the heads' BatchNorm statistics across GPUs (MoCo v3 does).
+        optim: AdamW + warmup-cosine settings; default ``MOCOV3_OPTIM``.
+        mean: Normalisation mean (of images in [0, 1]).
+        std: Normalisation std.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "vit_small_patch16_224",
+        backbone_kwargs: dict[str, Any] | None = None,
+        proj_hidden_dim: int = 4096,
+        proj_dim: int = 256,
+        temperature: float = 0.2,
+        momentum: float = 0.99,
+        final_momentum: float = 1.0,
+        freeze_patch_projection: bool = True,
+        fixed_pos_embed: bool = True,
+        sync_batchnorm: bool = True,
+        optim: OptimConfig = MOCOV3_OPTIM,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optim"])
+        self.hparams["optim"] = dataclasses.asdict(optim)  # plain types: checkpoints load with weights_only
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        name = timm.models.split_model_name_tag(backbone)[0]
+        if not timm.is_model(name):
+            raise ValueError(f"unknown timm architecture {backbone!r} (see timm.list_models('vit_*'))")
+        kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": "token", **(backbone_kwargs or {})}
+        encoder: Any = timm.create_model(backbone, **kwargs)
+        if freeze_patch_projection:
+            encoder.patch_embed.requires_grad_(False)
+        if fixed_pos_embed and getattr(encoder, "pos_embed", None) is not None:
+            freeze_sincos_pos_embed(encoder.pos_embed, tuple(encoder.patch_embed.grid_size))
+        width = int(encoder.num_features)
+        self.base = _Branch(encoder, BNProjector(width, proj_hidden_dim, proj_dim, num_layers=3))
+        self.predictor = BNProjector(proj_dim, proj_hidden_dim, proj_dim, num_layers=2, last_bn=False)
+        self.momentum_branch = copy.deepcopy(self.base).requires_grad_(False)
+        self.temperature = temperature
+        self.sync_batchnorm = sync_batchnorm
+        self.momentum = momentum
+        self.final_momentum = final_momentum
+        self.optim = optim
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.image_size = int(encoder.patch_embed.img_size[0])
+
+    # ----------------------------------------------------------------------------------- parts
+    @property
+    def encoder(self) -> nn.Module:
+        """The base encoder (a timm ViT): what MimCo uses as its teacher and what gets exported."""
+        return self.base.encoder
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.base.projector
+
+    def train_views(self) -> TwoCropViews:
+        """Data-loader transform producing ``images`` and ``images_2``."""
+        return TwoCropViews(size=self.image_size)
+
+    def eval_views(self) -> EvalView:
+        """Data-loader transform for validation and kNN images."""
+        return EvalView(size=self.image_size, crop_fraction=0.875 if self.image_size >= 64 else 1.0)
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """The base encoder + projector and their momentum copies (not the predictor)."""
+        return [(self.base, self.momentum_branch)]
+
+    def configure_callbacks(self) -> list[Callback]:
+        return [EMATeacher(momentum=self.momentum, final_momentum=self.final_momentum)]
+
+    def setup(self, stage: str) -> None:
+        if self.sync_batchnorm:
+            self.base, self.predictor, self.momentum_branch = sync_batchnorm_on_gpus(
+                self.trainer, self.base, self.predictor, self.momentum_branch
+            )
+
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        trainable = nn.ModuleDict({"base": self.base, "predictor": self.predictor})
+        return configure_adamw(self, trainable, self.optim)
+
+    # ---------------------------------------------------------------------------------- steps
+    def _contrast(self, query: Tensor, key: Tensor) -> Tensor:
+        return 2 * self.temperature * info_nce(query, key, self.temperature)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        x1 = normalize(batch["images"], self.mean, self.std)
+        x2 = normalize(batch["images_2"], self.mean, self.std)
+        q1, q2 = self.predictor(self.base(x1)), self.predictor(self.base(x2))  # (B, proj_dim)
+        with torch.no_grad():
+            k1, k2 = self.momentum_branch(x1), self.momentum_branch(x2)
+        loss = self._contrast(q1, k2) + self._contrast(q2, k1)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        # No second view at validation: the loss of an image against its own momentum embedding.
+        x = normalize(batch["images"], self.mean, self.std)
+        self.log("val/loss", self._contrast(self.predictor(self.base(x)), self.momentum_branch(x)), sync_dist=True)
+
+    @torch.no_grad()
+    def embed(self, images: Tensor) -> Tensor:
+        """CLS features of the base encoder for uint8 images: (B, D)."""
+        return self.encoder(normalize(images, self.mean, self.std))
+
+    # --------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lightning_mim"] = {"method": "mocov3"}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("lightning_mim")
+        if meta is None or meta.get("method") != "mocov3":
+            found = meta.get("method") if meta else "no lightning-mim metadata"
+            raise ValueError(f"not a MoCo v3 checkpoint (found: {found})")

@@ -1,0 +1,110 @@
+"""MoCoV3Module (MimCo stage 1) on a tiny ViT: structure, symmetric loss, momentum branch, views."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_mim import MoCoV3Module
+from lightning_mim.data import SampleDataModule, TwoCropViews
+from lightning_mim.losses import info_nce
+from lightning_mim.nn import sincos_2d_pos_embed
+
+from .helpers import cpu_trainer
+
+TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
+
+
+def tiny(**kwargs) -> MoCoV3Module:
+    return MoCoV3Module(**{**dict(backbone_kwargs=TINY_VIT, proj_hidden_dim=64, proj_dim=16), **kwargs})
+
+
+def flat(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+def batch(size: int = 8) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (size, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return {"images": images, "images_2": images.flip(-1)}
+
+
+def test_structure_follows_moco_v3() -> None:
+    module = MoCoV3Module(proj_hidden_dim=4096)  # ViT-S/16
+    encoder = module.encoder
+    assert not any(p.requires_grad for p in encoder.patch_embed.parameters())  # frozen random patch projection
+    assert not encoder.pos_embed.requires_grad
+    assert torch.allclose(encoder.pos_embed, sincos_2d_pos_embed((14, 14), 384))
+    projector = [type(m).__name__ for m in module.projector]
+    assert projector == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert not module.projector[-1].affine
+    predictor = [type(m).__name__ for m in module.predictor]
+    assert predictor == ["Linear", "BatchNorm1d", "ReLU", "Linear"]  # no BatchNorm after the predictor
+    assert module.projector[0].out_features == 4096 and module.predictor[-1].out_features == 256
+
+
+def test_loss_is_symmetric_scaled_infonce() -> None:
+    module = tiny()
+    data = batch()
+    loss = module.training_step(data, 0)
+    from lightning_mim.data import normalize
+
+    x1, x2 = normalize(data["images"]), normalize(data["images_2"])
+    with torch.no_grad():
+        q1, q2 = module.predictor(module.base(x1)), module.predictor(module.base(x2))
+        k1, k2 = module.momentum_branch(x1), module.momentum_branch(x2)
+    expected = 0.4 * (info_nce(q1, k2, 0.2) + info_nce(q2, k1, 0.2))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # identical embeddings everywhere: each term is 2 tau ln B
+    same = torch.ones(8, 16)
+    assert (0.4 * info_nce(same, same, 0.2)).item() == pytest.approx(0.4 * math.log(8), abs=1e-6)
+
+
+def test_momentum_branch_gets_no_gradients_and_follows_ema() -> None:
+    module = tiny()
+    module.training_step(batch(), 0).backward()
+    assert all(p.grad is None for p in module.momentum_branch.parameters())
+    assert all(p.grad is None for p in module.encoder.patch_embed.parameters())
+    dm = SampleDataModule(batch_size=8, num_workers=0, train_size=32, val_size=8, train_views=TwoCropViews(32))
+    module = tiny(momentum=0.0, final_momentum=0.0)
+    cpu_trainer(max_steps=2, limit_val_batches=0).fit(module, dm)
+    assert torch.equal(flat(module.momentum_branch), flat(module.base))  # momentum 0 copies base + projector
+    module = tiny(momentum=1.0, final_momentum=1.0)
+    frozen = flat(module.momentum_branch).clone()
+    cpu_trainer(max_steps=2, limit_val_batches=0).fit(module, dm)
+    assert torch.equal(flat(module.momentum_branch), frozen)
+
+
+def test_learns_on_a_fixed_batch() -> None:
+    torch.manual_seed(0)
+    module = tiny()
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=2e-3)
+    data = batch(16)
+    losses = []
+    for _ in range(20):
+        loss = module.training_step(data, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+
+
+def test_two_views_differ_and_have_the_right_shape() -> None:
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8)
+    out = TwoCropViews(size=32)(image)
+    assert out["images"].shape == out["images_2"].shape == (3, 32, 32)
+    assert out["images"].dtype == torch.uint8 and not torch.equal(out["images"], out["images_2"])
+
+
+def test_checkpoint_kind_and_arguments_are_checked() -> None:
+    with pytest.raises(ValueError, match="not a MoCo v3 checkpoint"):
+        tiny().on_load_checkpoint({"lightning_mim": {"method": "conmim"}})
+    with pytest.raises(ValueError, match="unknown timm architecture"):
+        MoCoV3Module(backbone="nope_vit")
+    with pytest.raises(ValueError, match="temperature"):
+        tiny(temperature=0.0)
