@@ -194,9 +194,8 @@ class CMAEModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if self.contrastive and self.sync_batchnorm:
             # The official code synchronises these BatchNorms across GPUs.
-            self.online_heads, self.target_projector = sync_batchnorm_on_gpus(
-                self.trainer, self.online_heads, self.target_projector
-            )
+            self.online_heads = sync_batchnorm_on_gpus(self.trainer, self.online_heads)
+            self.target_projector = sync_batchnorm_on_gpus(self.trainer, self.target_projector)
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         trainable = nn.ModuleDict({"encoder": self.encoder, "pixel_decoder": self.pixel_decoder})

@@ -144,9 +144,9 @@ class MoCoV3Module(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self.sync_batchnorm:
-            self.base, self.predictor, self.momentum_branch = sync_batchnorm_on_gpus(
-                self.trainer, self.base, self.predictor, self.momentum_branch
-            )
+            self.base = sync_batchnorm_on_gpus(self.trainer, self.base)
+            self.predictor = sync_batchnorm_on_gpus(self.trainer, self.predictor)
+            self.momentum_branch = sync_batchnorm_on_gpus(self.trainer, self.momentum_branch)
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         trainable = nn.ModuleDict({"base": self.base, "predictor": self.predictor})

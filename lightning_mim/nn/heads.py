@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from torch import Tensor, nn
 
@@ -58,18 +58,22 @@ class BNProjector(nn.Sequential):
         return super().forward(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)
 
 
-def sync_batchnorm_on_gpus(trainer: Any, *modules: nn.Module) -> list[nn.Module]:
-    """The ``modules`` with BatchNorm turned into SyncBatchNorm when training on several GPUs.
+_M = TypeVar("_M", bound=nn.Module)
 
-    torch's SyncBatchNorm runs on GPUs only: on one device the modules are returned unchanged, and a
+
+def sync_batchnorm_on_gpus(trainer: Any, module: _M) -> _M:
+    """``module`` with its BatchNorms turned into SyncBatchNorm when training on several GPUs.
+
+    torch's SyncBatchNorm runs on GPUs only: on one device the module is returned unchanged, and a
     multi-process run without CUDA warns that statistics stay per rank.
     """
     from lightning.pytorch.accelerators import CUDAAccelerator
     from lightning.pytorch.utilities import rank_zero_warn
 
     if trainer.world_size <= 1:
-        return list(modules)
+        return module
     if not isinstance(trainer.accelerator, CUDAAccelerator):
         rank_zero_warn("BatchNorm statistics are not synchronised across ranks (SyncBatchNorm needs GPUs)")
-        return list(modules)
-    return [nn.SyncBatchNorm.convert_sync_batchnorm(module) for module in modules]
+        return module
+    # Conversion swaps BatchNorm children in place and returns the same container module.
+    return cast(_M, nn.SyncBatchNorm.convert_sync_batchnorm(module))
