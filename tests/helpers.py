@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
+from torch import nn
 
 TINY_BEIT: dict[str, Any] = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
 
@@ -20,3 +22,8 @@ def cpu_trainer(**kwargs: Any) -> pl.Trainer:
         num_sanity_val_steps=0,
     )
     return pl.Trainer(**{**defaults, **kwargs})
+
+
+def flat(module: nn.Module) -> torch.Tensor:
+    """All parameters of ``module`` as one detached vector."""
+    return torch.cat([p.detach().flatten() for p in module.parameters()])

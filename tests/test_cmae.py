@@ -14,7 +14,7 @@ from lightning_mim.losses import info_nce, masked_patch_mse, patchify
 from lightning_mim.masking import BlockMasking, GridMasking, RandomMasking
 from lightning_mim.nn import sincos_2d_pos_embed
 
-from .helpers import cpu_trainer
+from .helpers import cpu_trainer, flat
 
 TINY_VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
 
@@ -30,10 +30,6 @@ def tiny(**kwargs) -> CMAEModule:
         proj_dim=16,
     )
     return CMAEModule(**{**defaults, **kwargs})
-
-
-def flat(module: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in module.parameters()])
 
 
 def batch(size: int = 8) -> dict[str, torch.Tensor]:

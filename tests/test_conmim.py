@@ -14,17 +14,13 @@ from lightning_mim.data import SampleDataModule
 from lightning_mim.masking import BlockMasking, GridMasking
 from lightning_mim.methods.conmim import CONMIM_OPTIM
 
-from .helpers import TINY_BEIT, cpu_trainer
+from .helpers import TINY_BEIT, cpu_trainer, flat
 
 
 def tiny(**kwargs) -> ConMIMModule:
     optim = dataclasses.replace(CONMIM_OPTIM, lr=1e-3, warmup_steps=0)
     defaults = dict(backbone_kwargs=TINY_BEIT, proj_hidden_dim=64, proj_dim=32, optim=optim)
     return ConMIMModule(**{**defaults, **kwargs})
-
-
-def flat(module: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in module.parameters()])
 
 
 def batch(size: int = 8) -> dict[str, torch.Tensor]:

@@ -6,24 +6,19 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from lightning_mim import MoCoV3Module
 from lightning_mim.data import SampleDataModule, TwoCropViews
 from lightning_mim.losses import info_nce
 from lightning_mim.nn import sincos_2d_pos_embed
 
-from .helpers import cpu_trainer
+from .helpers import cpu_trainer, flat
 
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
 
 
 def tiny(**kwargs) -> MoCoV3Module:
     return MoCoV3Module(**{**dict(backbone_kwargs=TINY_VIT, proj_hidden_dim=64, proj_dim=16), **kwargs})
-
-
-def flat(module: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in module.parameters()])
 
 
 def batch(size: int = 8) -> dict[str, torch.Tensor]:

@@ -35,6 +35,7 @@ from lightning_mim.callbacks.ema import EMATeacher
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, CMAEViews, EvalView, MAEViews, normalize
 from lightning_mim.losses import info_nce, masked_patch_mse, patchify
 from lightning_mim.masking import GridMasking, MaskGenerator
+from lightning_mim.methods._checkpoint import read_meta, write_meta
 from lightning_mim.nn import BNProjector, MAEDecoder, MaskedViT, freeze_sincos_pos_embed
 from lightning_mim.nn.heads import sync_batchnorm_on_gpus
 from lightning_mim.optim import OptimConfig, configure_adamw
@@ -248,13 +249,11 @@ class CMAEModule(pl.LightningModule):
 
     # --------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        method = "cmae" if self.contrastive else "mae"
-        checkpoint["lightning_mim"] = {"method": method, "mask_stream": self._mask_stream.state_dict()}
+        write_meta(checkpoint, self._method, mask_stream=self._mask_stream.state_dict())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = checkpoint.get("lightning_mim")
-        expected = "cmae" if self.contrastive else "mae"
-        if meta is None or meta.get("method") != expected:
-            found = meta.get("method") if meta else "no lightning-mim metadata"
-            raise ValueError(f"not a {expected.upper()} checkpoint (found: {found})")
-        self._mask_stream.load_state_dict(meta["mask_stream"])
+        self._mask_stream.load_state_dict(read_meta(checkpoint, self._method)["mask_stream"])
+
+    @property
+    def _method(self) -> str:
+        return "cmae" if self.contrastive else "mae"

@@ -34,6 +34,7 @@ from lightning_mim.callbacks.ema import EMATeacher
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, ConMIMViews, EvalView, normalize
 from lightning_mim.losses import patch_contrastive_loss
 from lightning_mim.masking import BlockMasking, MaskGenerator
+from lightning_mim.methods._checkpoint import read_meta, write_meta
 from lightning_mim.nn import BNProjector, MaskedViT
 from lightning_mim.optim import OptimConfig, configure_adamw
 
@@ -199,11 +200,7 @@ class ConMIMModule(pl.LightningModule):
 
     # --------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lightning_mim"] = {"method": "conmim", "mask_stream": self._mask_stream.state_dict()}
+        write_meta(checkpoint, "conmim", mask_stream=self._mask_stream.state_dict())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = checkpoint.get("lightning_mim")
-        if meta is None or meta.get("method") != "conmim":
-            found = meta.get("method") if meta else "no lightning-mim metadata"
-            raise ValueError(f"not a ConMIM checkpoint (found: {found})")
-        self._mask_stream.load_state_dict(meta["mask_stream"])
+        self._mask_stream.load_state_dict(read_meta(checkpoint, "conmim")["mask_stream"])

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from lightning_mim.callbacks.ema import EMATeacher
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView, TwoCropViews, normalize
 from lightning_mim.losses import info_nce
+from lightning_mim.methods._checkpoint import read_meta, write_meta
 from lightning_mim.nn import BNProjector, freeze_sincos_pos_embed
 from lightning_mim.nn.heads import sync_batchnorm_on_gpus
 from lightning_mim.optim import OptimConfig, configure_adamw
@@ -178,10 +179,7 @@ class MoCoV3Module(pl.LightningModule):
 
     # --------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lightning_mim"] = {"method": "mocov3"}
+        write_meta(checkpoint, "mocov3")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = checkpoint.get("lightning_mim")
-        if meta is None or meta.get("method") != "mocov3":
-            found = meta.get("method") if meta else "no lightning-mim metadata"
-            raise ValueError(f"not a MoCo v3 checkpoint (found: {found})")
+        read_meta(checkpoint, "mocov3")
