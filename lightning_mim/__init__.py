@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from lightning_mim.methods import CMAEModule, ConMIMModule, MoCoV3Module
+from lightning_mim.methods import CMAEModule, ConMIMModule, MimCoModule, MoCoV3Module
 
-__all__ = ["CMAEModule", "ConMIMModule", "MoCoV3Module", "__version__"]
+__all__ = ["CMAEModule", "ConMIMModule", "MimCoModule", "MoCoV3Module", "__version__"]

@@ -39,6 +39,8 @@ def test_config_parses_and_instantiates(config: Path, tmp_path: Path) -> None:
     args = ["--config", str(config), "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)]
     if config in RECIPES:
         args += ["--data.root", str(tmp_path)]
+    if "mimco" in config.name:  # stage 2 needs a teacher; the documented flag allows a random one
+        args += ["--model.teacher_ckpt", "null", "--model.allow_random_teacher", "true"]
     cli = LightningMIMCLI(args=args, run=False)
     assert cli.model is not None and cli.datamodule is not None
     if config in RECIPES:
@@ -46,7 +48,9 @@ def test_config_parses_and_instantiates(config: Path, tmp_path: Path) -> None:
         assert "reproduces" in config.read_text()  # each recipe states the official number it targets
 
 
-@pytest.mark.parametrize("recipe", ["conmim_vitb.yaml", "cmae_vitb.yaml", "mae_vitb.yaml", "mocov3_vits.yaml"])
+@pytest.mark.parametrize(
+    "recipe", ["conmim_vitb.yaml", "cmae_vitb.yaml", "mae_vitb.yaml", "mocov3_vits.yaml", "mimco_vits.yaml"]
+)
 def test_recipe_smoke_run_on_any_image_folder(recipe: str, tmp_path: Path) -> None:
     """The documented smoke command, for the ViT-B recipes, on a folder of four images."""
     folder = image_folder(tmp_path / "images")
@@ -68,6 +72,8 @@ def test_recipe_smoke_run_on_any_image_folder(recipe: str, tmp_path: Path) -> No
         "--trainer.precision",
         "32-true",
     ]
+    if recipe.startswith("mimco"):
+        cmd += ["--model.allow_random_teacher", "true"]  # as documented in the config
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=1` reached" in result.stdout + result.stderr
@@ -95,32 +101,21 @@ def test_print_config_round_trips(tmp_path: Path) -> None:
     assert cli.model.temperature == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("quickstart", ["conmim.yaml", "cmae.yaml", "mocov3.yaml"])
-def test_quickstart_runs_a_few_steps(quickstart: str, tmp_path: Path) -> None:
+def run_quickstart(config: str) -> LightningMIMCLI:
+    """A quickstart config, shortened to 3 steps on a subset; run in the current directory."""
     args = [
-        "fit",
-        "--config",
-        str(ROOT / "configs/quickstart" / quickstart),
-        "--trainer.max_steps",
-        "3",
-        "--trainer.val_check_interval",
-        "3",
-        "--trainer.limit_val_batches",
-        "1",
-        "--trainer.logger",
-        "false",
-        "--trainer.default_root_dir",
-        str(tmp_path),
-        "--data.train_size",
-        "512",
-        "--data.val_size",
-        "100",
-        "--data.batch_size",
-        "32",
-        "--data.num_workers",
-        "0",
-    ]
-    cli = LightningMIMCLI(args=args)
+        "fit", "--config", str(ROOT / "configs/quickstart" / config),
+        "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
+        "--trainer.logger", "false", "--trainer.default_root_dir", "run",
+        "--data.train_size", "512", "--data.val_size", "100", "--data.batch_size", "32", "--data.num_workers", "0",
+    ]  # fmt: skip
+    return LightningMIMCLI(args=args)
+
+
+@pytest.mark.parametrize("quickstart", ["conmim.yaml", "cmae.yaml", "mocov3.yaml"])
+def test_quickstart_runs_a_few_steps(quickstart: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = run_quickstart(quickstart)
     assert cli.trainer.global_step == 3
     metrics = cli.trainer.callback_metrics
     assert torch.isfinite(metrics["train/loss"])
@@ -130,3 +125,16 @@ def test_quickstart_runs_a_few_steps(quickstart: str, tmp_path: Path) -> None:
         assert torch.allclose(metrics["train/loss"], total, atol=1e-4)
     knn = next(c for c in cli.trainer.callbacks if type(c).__name__ == "OnlineKNN")
     assert len(knn.history) == 2 and all(10.0 <= acc <= 100.0 for _, acc in knn.history)
+
+
+def test_mimco_quickstart_two_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stage 1 writes runs/quickstart/mocov3/checkpoints/last.ckpt; stage 2's config loads it as teacher."""
+    monkeypatch.chdir(tmp_path)
+    run_quickstart("mocov3.yaml")
+    assert (tmp_path / "runs/quickstart/mocov3/checkpoints/last.ckpt").is_file()
+    cli = run_quickstart("mimco.yaml")
+    metrics = cli.trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss_patch"]) and torch.isfinite(metrics["train/loss_image"])
+    stage1 = torch.load(tmp_path / "runs/quickstart/mocov3/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    teacher = cli.model.teacher.state_dict()
+    assert all(torch.equal(v, stage1[f"base.encoder.{k}"]) for k, v in teacher.items())

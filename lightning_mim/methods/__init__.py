@@ -2,6 +2,7 @@
 
 from lightning_mim.methods.cmae import CMAEModule
 from lightning_mim.methods.conmim import ConMIMModule
+from lightning_mim.methods.mimco import MimCoModule
 from lightning_mim.methods.moco import MoCoV3Module
 
-__all__ = ["CMAEModule", "ConMIMModule", "MoCoV3Module"]
+__all__ = ["CMAEModule", "ConMIMModule", "MimCoModule", "MoCoV3Module"]

@@ -1,0 +1,285 @@
+"""MimCo: masked image modeling with a frozen contrastive teacher (stage 2).
+
+Zhou et al., "MimCo: Masked Image Modeling Pre-training with Contrastive Teacher", ACM MM 2022,
+arXiv:2209.03063. No official code is public: every value the paper does not give is an argument
+documented as our default (marked DEFAULT).
+
+A MIM student (mask tokens, all tokens encoded) learns two contrastive reconstructions against a
+frozen contrastive teacher (stage 1, e.g. :class:`~lightning_mim.MoCoV3Module`) that sees the same
+crop unmasked: patch level (each masked patch must pick out the teacher's feature of the same patch
+among the patches of its image) and image level (the student's projected CLS must match the
+teacher's projected CLS among the whole global batch).
+
+Batch keys (uint8 images, normalised on the device):
+    ``images``: (B, 3, H, W) the crop seen by both student (masked) and teacher (unmasked).
+    ``labels``: optional, unused for training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import timm
+import torch
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
+from torch import Tensor, nn
+
+from lightning_mim._rng import CountedStream, make_generator
+from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView, MAEViews, normalize
+from lightning_mim.losses import info_nce, patch_contrastive_loss
+from lightning_mim.masking import BlockMasking, MaskGenerator
+from lightning_mim.methods._checkpoint import read_meta, write_meta
+from lightning_mim.methods.moco import MOCOV3_OPTIM, MoCoV3Module
+from lightning_mim.nn import BNProjector, MaskedViT
+from lightning_mim.optim import OptimConfig, configure_adamw
+
+__all__ = ["MIMCO_OPTIM", "MimCoModule", "load_mocov3_teacher"]
+
+#: DEFAULT (BEiT-like): lr 1.5e-3 per 2048 images, AdamW (0.9, 0.999), wd 0.05, 10 warmup epochs, cosine.
+MIMCO_OPTIM = OptimConfig(lr=1.5e-3, base_batch_size=2048, min_lr=1e-5, weight_decay=0.05, warmup_epochs=10)
+
+_MASK_STREAM = 3
+_STAGE1_HINT = (
+    "train one with stage 1 first: `lightning-mim fit --config configs/mocov3_vits.yaml` (or "
+    "configs/quickstart/mocov3.yaml) and pass its checkpoint as --model.teacher_ckpt PATH"
+)
+
+
+def load_mocov3_teacher(path: str | Path) -> MoCoV3Module:
+    """A MoCoV3Module rebuilt from a stage-1 checkpoint (``weights_only=True``), frozen, eval mode."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher checkpoint not found: {path}; {_STAGE1_HINT}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable checkpoint ({err})") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    read_meta(checkpoint, "mocov3")  # a clear error for another method's checkpoint
+    hparams = dict(checkpoint.get("hyper_parameters", {}))
+    optim = hparams.pop("optim", None)
+    for key in ("_instantiator", "_class_path"):
+        hparams.pop(key, None)
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in (optim or {}).items()}
+    optim_config = OptimConfig(**fields) if fields else MOCOV3_OPTIM
+    module = MoCoV3Module(**hparams, optim=optim_config)
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.requires_grad_(False).eval()
+
+
+def _load_encoder_weights(model: nn.Module, path: Path) -> None:
+    """Loads encoder weights from .safetensors or a tensor-only .pth/.pt file; classifier keys are ignored."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state: Any = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for wrapper in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"{path} does not fit the teacher architecture: {str(err).splitlines()[1:3]}") from err
+    unexpected = [k for k in unexpected if not k.startswith(("head.", "fc_norm."))]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not fit the teacher architecture: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+class MimCoModule(pl.LightningModule):
+    """MimCo stage 2 (see the module docstring for the method and the batch keys).
+
+    The teacher is frozen: eval mode, no gradients, not in the optimizer, no EMA. It comes from
+    ``teacher_ckpt`` (a :class:`~lightning_mim.MoCoV3Module` checkpoint: its encoder and projector),
+    or ``teacher_arch`` + ``teacher_weights`` (a timm model with local weights; the image-level target
+    is then its CLS feature), or, for smoke tests only, a random MoCo v3 ViT of the student's size
+    (``allow_random_teacher``).
+
+    Args:
+        backbone: timm ViT name of the student (the teacher's size).
+        backbone_kwargs: timm arguments; DEFAULT layer scale 0.1 and drop path 0.1.
+        teacher_ckpt: Stage-1 checkpoint path.
+        teacher_arch: timm name of a teacher with local weights (instead of ``teacher_ckpt``).
+        teacher_weights: Local weights file (.safetensors / .pth) for ``teacher_arch``.
+        teacher_kwargs: timm arguments for ``teacher_arch``.
+        allow_random_teacher: Allow a randomly initialised teacher (smoke runs and tests only).
+        masking: Mask generator; DEFAULT BEiT block masking 75/196, scaled to the grid.
+        patch_hidden_dim: Patch head hidden width (DEFAULT 2048).
+        proj_hidden_dim: Image head hidden width (MoCo v3's 4096).
+        patch_temperature: tau_p of the patch-level InfoNCE (DEFAULT 0.2).
+        image_temperature: tau_i of the image-level InfoNCE (DEFAULT 0.2), scaled by 2 tau_i.
+        image_weight: lambda, weight of the image-level loss (DEFAULT 1).
+        teacher_bf16: Run the teacher under bf16 autocast (no gradients either way).
+        optim: AdamW + warmup-cosine settings; default ``MIMCO_OPTIM``.
+        mean: Normalisation mean (of images in [0, 1]).
+        std: Normalisation std.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "vit_small_patch16_224",
+        backbone_kwargs: dict[str, Any] | None = None,
+        teacher_ckpt: str | None = None,
+        teacher_arch: str | None = None,
+        teacher_weights: str | None = None,
+        teacher_kwargs: dict[str, Any] | None = None,
+        allow_random_teacher: bool = False,
+        masking: MaskGenerator | None = None,
+        patch_hidden_dim: int = 2048,
+        proj_hidden_dim: int = 4096,
+        patch_temperature: float = 0.2,
+        image_temperature: float = 0.2,
+        image_weight: float = 1.0,
+        teacher_bf16: bool = True,
+        optim: OptimConfig = MIMCO_OPTIM,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["masking", "optim"])
+        self.hparams["optim"] = dataclasses.asdict(optim)  # plain types: checkpoints load with weights_only
+        if patch_temperature <= 0 or image_temperature <= 0:
+            raise ValueError("patch_temperature and image_temperature must be > 0")
+        student_kwargs = {"init_values": 0.1, "drop_path_rate": 0.1, **(backbone_kwargs or {})}
+        self.student = MaskedViT(backbone, mode="mask_token", **student_kwargs)
+        teacher, self.teacher_projector = self._build_teacher(
+            backbone, backbone_kwargs, teacher_ckpt, teacher_arch, teacher_weights, teacher_kwargs, allow_random_teacher
+        )
+        self.teacher: Any = teacher  # a timm ViT: forward_features and num_features are used
+        teacher_width = int(teacher.num_features)  # type: ignore[arg-type]
+        target_dim = (
+            teacher_width if self.teacher_projector is None else int(self._projector_out(self.teacher_projector))
+        )
+        width, grid = self.student.embed_dim, self.student.grid_size
+        if masking is None:  # DEFAULT: BEiT's 75 of 196 with blocks of >= 16, scaled to the grid
+            n = self.student.num_patches
+            masking = BlockMasking(grid, round(75 / 196 * n), max(1, round(16 / 196 * n)))
+        if (masking.height, masking.width) != grid:
+            raise ValueError(f"masking grid ({masking.height}, {masking.width}) does not match the patch grid {grid}")
+        self.masking = masking
+        self.patch_head = nn.Sequential(
+            nn.LayerNorm(width),
+            nn.Linear(width, patch_hidden_dim),
+            nn.GELU(),
+            nn.Linear(patch_hidden_dim, teacher_width),
+        )
+        self.image_head = nn.Sequential(
+            BNProjector(width, proj_hidden_dim, target_dim, num_layers=3),
+            BNProjector(target_dim, proj_hidden_dim, target_dim, num_layers=2, last_bn=False),
+        )
+        self.patch_temperature = patch_temperature
+        self.image_temperature = image_temperature
+        self.image_weight = image_weight
+        self.teacher_bf16 = teacher_bf16
+        self.optim = optim
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.image_size = int(self.student.vit.patch_embed.img_size[0])
+        self._mask_stream = CountedStream(_MASK_STREAM)
+
+    @staticmethod
+    def _projector_out(projector: nn.Module) -> int:
+        return [m for m in projector.modules() if isinstance(m, nn.Linear)][-1].out_features
+
+    @staticmethod
+    def _build_teacher(
+        backbone: str,
+        backbone_kwargs: dict[str, Any] | None,
+        teacher_ckpt: str | None,
+        teacher_arch: str | None,
+        teacher_weights: str | None,
+        teacher_kwargs: dict[str, Any] | None,
+        allow_random_teacher: bool,
+    ) -> tuple[nn.Module, nn.Module | None]:
+        if teacher_ckpt is not None:
+            stage1 = load_mocov3_teacher(teacher_ckpt)
+            return stage1.encoder, stage1.projector
+        if teacher_arch is not None:
+            if teacher_weights is None or not Path(teacher_weights).expanduser().is_file():
+                raise FileNotFoundError(f"teacher_weights must name a local weights file for {teacher_arch!r}")
+            teacher = timm.create_model(teacher_arch, num_classes=0, global_pool="token", **(teacher_kwargs or {}))
+            _load_encoder_weights(teacher, Path(teacher_weights).expanduser())
+            return teacher.requires_grad_(False).eval(), None
+        if allow_random_teacher:
+            stage1 = MoCoV3Module(backbone, backbone_kwargs)
+            return stage1.encoder.requires_grad_(False).eval(), stage1.projector.requires_grad_(False).eval()
+        raise ValueError(f"MimCo needs a frozen contrastive teacher: no teacher_ckpt given; {_STAGE1_HINT}")
+
+    # ----------------------------------------------------------------------------------- parts
+    def train(self, mode: bool = True) -> MimCoModule:
+        """Train mode for the student only: the teacher stays in eval mode."""
+        super().train(mode)
+        self.teacher.eval()
+        if self.teacher_projector is not None:
+            self.teacher_projector.eval()
+        return self
+
+    def train_views(self) -> MAEViews:
+        """DEFAULT view: random resized crop (scale (0.2, 1)) + flip, shared by student and teacher."""
+        return MAEViews(size=self.image_size)
+
+    def eval_views(self) -> EvalView:
+        return EvalView(size=self.image_size, crop_fraction=0.875 if self.image_size >= 64 else 1.0)
+
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        trainable = nn.ModuleDict(
+            {"student": self.student, "patch_head": self.patch_head, "image_head": self.image_head}
+        )
+        return configure_adamw(self, trainable, self.optim)
+
+    # ---------------------------------------------------------------------------------- steps
+    @torch.no_grad()
+    def _teacher_targets(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Teacher patch tokens (B, N, Dt) after the final norm and the image target (B, d), once per step."""
+        enabled = self.teacher_bf16 and images.device.type in ("cuda", "cpu")
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=enabled):
+            tokens = self.teacher.forward_features(images)  # (B, P + N, Dt)
+        tokens = tokens.float()
+        prefix = int(getattr(self.teacher, "num_prefix_tokens", 1))
+        cls = tokens[:, 0]
+        image_target = self.teacher_projector(cls) if self.teacher_projector is not None else cls
+        return tokens[:, prefix:], image_target
+
+    def _losses(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        patch_target, image_target = self._teacher_targets(images)
+        tokens = self.student(images, mask)  # (B, 1 + N, D)
+        patch_pred = self.patch_head(self.student.patch_tokens(tokens))  # (B, N, Dt)
+        loss_patch = patch_contrastive_loss(patch_pred, patch_target, mask, self.patch_temperature)
+        query = self.image_head(tokens[:, 0])  # (B, d)
+        loss_image = 2 * self.image_temperature * info_nce(query, image_target, self.image_temperature)
+        return loss_patch + self.image_weight * loss_image, loss_patch, loss_image
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        images = normalize(batch["images"], self.mean, self.std)
+        generator = self._mask_stream.next(self.global_rank)
+        mask = self.masking(images.shape[0], device=self.device, generator=generator)  # (B, N)
+        loss, loss_patch, loss_image = self._losses(images, mask)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss_patch", loss_patch)
+        self.log("train/loss_image", loss_image)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        images = normalize(batch["images"], self.mean, self.std)
+        mask = self.masking(images.shape[0], device=self.device, generator=make_generator(_MASK_STREAM, base=batch_idx))
+        self.log("val/loss", self._losses(images, mask)[0], sync_dist=True)
+
+    @torch.no_grad()
+    def embed(self, images: Tensor) -> Tensor:
+        """Mean-pooled patch features of the student for uint8 images: (B, D)."""
+        tokens = self.student(normalize(images, self.mean, self.std))
+        return self.student.patch_tokens(tokens).mean(dim=1)
+
+    # --------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        write_meta(checkpoint, "mimco", mask_stream=self._mask_stream.state_dict())
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._mask_stream.load_state_dict(read_meta(checkpoint, "mimco")["mask_stream"])

@@ -1,0 +1,134 @@
+"""MimCo stage 2 on tiny ViTs, with a real stage-1 MoCo v3 checkpoint: frozen teacher, losses, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_mim import ConMIMModule, MimCoModule, MoCoV3Module
+from lightning_mim.data import SampleDataModule, TwoCropViews
+from lightning_mim.masking import BlockMasking
+
+from .helpers import TINY_BEIT, cpu_trainer, flat
+
+TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
+
+
+def data(**kwargs) -> SampleDataModule:
+    return SampleDataModule(batch_size=8, num_workers=0, train_size=32, val_size=8, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def stage1_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real stage-1 checkpoint: two MoCo v3 steps through the Trainer."""
+    folder = tmp_path_factory.mktemp("stage1")
+    module = MoCoV3Module(backbone_kwargs=TINY_VIT, proj_hidden_dim=64, proj_dim=16)
+    checkpoint = ModelCheckpoint(dirpath=folder, save_last=True)
+    cpu_trainer(max_steps=2, limit_val_batches=0, enable_checkpointing=True, callbacks=[checkpoint]).fit(
+        module, data(train_views=TwoCropViews(32))
+    )
+    return folder / "last.ckpt"
+
+
+def stage2(ckpt: Path, **kwargs) -> MimCoModule:
+    defaults = dict(backbone_kwargs=TINY_VIT, teacher_ckpt=str(ckpt), patch_hidden_dim=32, proj_hidden_dim=64)
+    return MimCoModule(**{**defaults, **kwargs})
+
+
+def test_teacher_is_the_stage1_encoder_and_stays_frozen(stage1_ckpt: Path) -> None:
+    stage1 = torch.load(stage1_ckpt, weights_only=True)["state_dict"]
+    module = stage2(stage1_ckpt)
+    teacher_state = module.teacher.state_dict()
+    for name, value in teacher_state.items():
+        assert torch.equal(value, stage1[f"base.encoder.{name}"]), name
+    assert module.teacher_projector is not None
+    assert module._projector_out(module.teacher_projector) == 16  # stage 1's projection width
+    before = flat(module.teacher).clone(), flat(module.teacher_projector).clone()
+    modes: list[bool] = []
+    module.teacher.blocks[0].register_forward_hook(lambda m, i, o: modes.append(m.training))
+    trainer = cpu_trainer(max_steps=3, limit_val_batches=0)
+    trainer.fit(module, data())
+    assert torch.equal(flat(module.teacher), before[0]) and torch.equal(flat(module.teacher_projector), before[1])
+    assert modes and not any(modes)  # eval mode throughout training
+    assert len(modes) == 3  # one teacher pass per training step, not two
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert not any(id(p) in optimized for p in module.teacher.parameters())
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss_patch"]) and torch.isfinite(metrics["train/loss_image"])
+
+
+def test_student_is_a_mask_token_vit_with_the_default_heads(stage1_ckpt: Path) -> None:
+    module = stage2(stage1_ckpt)
+    assert module.student.mode == "mask_token" and isinstance(module.masking, BlockMasking)
+    kinds = [type(m).__name__ for m in module.patch_head]
+    assert kinds == ["LayerNorm", "Linear", "GELU", "Linear"] and module.patch_head[-1].out_features == 48
+    assert torch.allclose(module.student.vit.blocks[0].ls1.gamma, torch.full((48,), 0.1))  # layer scale 0.1
+
+
+def test_loss_falls_on_a_fixed_batch(stage1_ckpt: Path) -> None:
+    torch.manual_seed(0)
+    module = stage2(stage1_ckpt)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=2e-3)
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(20):
+        loss = module.training_step({"images": images}, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+
+
+def test_missing_wrong_and_broken_teachers_fail_clearly(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"configs/mocov3_vits\.yaml"):
+        MimCoModule(backbone_kwargs=TINY_VIT)
+    with pytest.raises(FileNotFoundError, match="teacher checkpoint not found"):
+        MimCoModule(backbone_kwargs=TINY_VIT, teacher_ckpt=str(tmp_path / "none.ckpt"))
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        MimCoModule(backbone_kwargs=TINY_VIT, teacher_ckpt=str(broken))
+    conmim = ConMIMModule(backbone_kwargs=TINY_BEIT, proj_hidden_dim=32, proj_dim=16)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    cpu_trainer(max_steps=1, limit_val_batches=0, enable_checkpointing=True, callbacks=[checkpoint]).fit(conmim, data())
+    with pytest.raises(ValueError, match=r"not a MoCo v3 checkpoint \(found: conmim\)"):
+        MimCoModule(backbone_kwargs=TINY_VIT, teacher_ckpt=str(tmp_path / "last.ckpt"))
+
+
+def test_random_teacher_flag_for_smoke_runs() -> None:
+    module = MimCoModule(backbone_kwargs=TINY_VIT, allow_random_teacher=True, patch_hidden_dim=32, proj_hidden_dim=64)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    assert module.training_step({"images": images}, 0).isfinite()
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+
+
+def test_teacher_from_a_timm_model_with_local_weights(tmp_path: Path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    source = timm.create_model("vit_small_patch16_224", num_classes=0, **TINY_VIT)
+    save_file(source.state_dict(), str(tmp_path / "model.safetensors"))
+    module = MimCoModule(
+        backbone_kwargs=TINY_VIT,
+        teacher_arch="vit_small_patch16_224",
+        teacher_weights=str(tmp_path / "model.safetensors"),
+        teacher_kwargs=TINY_VIT,
+        patch_hidden_dim=32,
+        proj_hidden_dim=64,
+    )
+    assert torch.equal(flat(module.teacher), flat(source))
+    assert module.teacher_projector is None  # the image-level target is then the teacher's CLS feature
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    assert module.training_step({"images": images}, 0).isfinite()
+    with pytest.raises(ValueError, match="does not fit the teacher"):
+        MimCoModule(
+            backbone_kwargs=TINY_VIT,
+            teacher_arch="vit_small_patch16_224",
+            teacher_weights=str(tmp_path / "model.safetensors"),
+            teacher_kwargs={**TINY_VIT, "embed_dim": 64},
+        )
