@@ -50,7 +50,7 @@ def method_case(out: str, devices: int, method: str) -> None:
     """A few steps of a method under Lightning DDP; teacher checksums per rank and the kNN accuracy."""
     import lightning.pytorch as pl
 
-    from lightning_mim import CMAEModule, ConMIMModule, MoCoV3Module
+    from lightning_mim import CMAEModule, ConMIMModule, MimCoModule, MoCoV3Module
     from lightning_mim.callbacks import OnlineKNN
     from lightning_mim.data import SampleDataModule
     from lightning_mim.optim import OptimConfig
@@ -63,6 +63,15 @@ def method_case(out: str, devices: int, method: str) -> None:
             proj_hidden_dim=64,
             proj_dim=32,
             momentum=0.9,
+            optim=optim,
+        )
+        teacher = module.teacher
+    elif method == "mimco":
+        module = MimCoModule(
+            backbone_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2},
+            allow_random_teacher=True,
+            patch_hidden_dim=32,
+            proj_hidden_dim=64,
             optim=optim,
         )
         teacher = module.teacher
@@ -105,8 +114,34 @@ def method_case(out: str, devices: int, method: str) -> None:
     )
     trainer.fit(module, dm)
     checksum = float(sum(p.double().sum() for p in teacher.parameters()))
+    result = {"teacher_checksum": checksum, "knn": knn.history}
+    if method == "mimco" and devices > 1:
+        result["image_loss_gap"] = mimco_image_loss_gap(module)
     with open(f"{out}.rank{trainer.global_rank}", "w") as f:
-        json.dump({"teacher_checksum": checksum, "knn": knn.history, "teacher_changed": checksum != 0.0}, f)
+        json.dump(result, f)
+
+
+def mimco_image_loss_gap(module) -> float:
+    """|mean over ranks of MimCo's image-level loss - the one-process loss on all ranks' images|."""
+    from lightning_mim.data import normalize
+    from lightning_mim.losses import info_nce
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    module.eval()  # BatchNorm on running statistics: per-image outputs, comparable across ranks
+    for buffer in module.buffers():  # each rank's last step updated its own running statistics
+        dist.broadcast(buffer, src=0)
+    images = torch.randint(
+        0, 256, (world * 4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        x = normalize(images)
+        _, keys = module._teacher_targets(x)
+        queries = module.image_head(module.student(x)[:, 0])
+        local = slice(rank * 4, (rank + 1) * 4)
+        distributed = info_nce(queries[local], keys[local], module.image_temperature)  # gathers keys
+        dist.all_reduce(distributed)
+        reference = info_nce(queries, keys, module.image_temperature, gather=False)
+    return abs(float(distributed) / world - float(reference))
 
 
 if __name__ == "__main__":
