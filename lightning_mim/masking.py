@@ -208,6 +208,13 @@ class BlockMasking(MaskGenerator):
         self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
         self.attempts = attempts
 
+    @classmethod
+    def beit_default(cls, input_size: int | tuple[int, int] = 14) -> BlockMasking:
+        """BEiT's 75 of 196 patches with blocks of at least 16, both scaled to another patch grid."""
+        height, width = _grid(input_size)
+        num_patches = height * width
+        return cls((height, width), round(75 / 196 * num_patches), max(1, round(16 / 196 * num_patches)))
+
     def __call__(
         self,
         batch_size: int,

@@ -27,3 +27,18 @@ def cpu_trainer(**kwargs: Any) -> pl.Trainer:
 def flat(module: nn.Module) -> torch.Tensor:
     """All parameters of ``module`` as one detached vector."""
     return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+def losses_on_fixed_batch(
+    module: pl.LightningModule, batch: dict[str, torch.Tensor], steps: int, lr: float
+) -> list[float]:
+    """Trains ``module``'s trainable parameters with AdamW on one batch; the loss of every step."""
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = module.training_step(batch, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses

@@ -14,7 +14,7 @@ from lightning_mim.losses import info_nce, masked_patch_mse, patchify
 from lightning_mim.masking import BlockMasking, GridMasking, RandomMasking
 from lightning_mim.nn import sincos_2d_pos_embed
 
-from .helpers import cpu_trainer, flat
+from .helpers import cpu_trainer, flat, losses_on_fixed_batch
 
 TINY_VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
 
@@ -133,15 +133,8 @@ def test_target_moves_only_by_ema() -> None:
 def test_logs_both_terms_and_learns_on_a_fixed_batch() -> None:
     torch.manual_seed(0)
     module = tiny()
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=2e-3)
     data = batch(16)
-    losses = []
-    for _ in range(25):
-        loss = module.training_step(data, 0)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = losses_on_fixed_batch(module, data, steps=25, lr=2e-3)
     assert all(math.isfinite(v) for v in losses)
     assert sum(losses[-3:]) / 3 < 0.85 * sum(losses[:3]) / 3, losses
 

@@ -14,7 +14,7 @@ from lightning_mim.data import SampleDataModule
 from lightning_mim.masking import BlockMasking, GridMasking
 from lightning_mim.methods.conmim import CONMIM_OPTIM
 
-from .helpers import TINY_BEIT, cpu_trainer, flat
+from .helpers import TINY_BEIT, cpu_trainer, flat, losses_on_fixed_batch
 
 
 def tiny(**kwargs) -> ConMIMModule:
@@ -57,15 +57,8 @@ def test_projector_structure() -> None:
 def test_loss_finite_and_falls_on_a_fixed_batch() -> None:
     torch.manual_seed(0)
     module = tiny()
-    optimizer = torch.optim.AdamW(module.student.parameters(), lr=3e-3)
     data = batch(16)
-    losses = []
-    for _ in range(25):
-        loss = module.training_step(data, 0)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = losses_on_fixed_batch(module, data, steps=25, lr=3e-3)
     assert all(torch.isfinite(torch.tensor(losses)))
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < 0.8 * first, losses

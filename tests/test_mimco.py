@@ -12,7 +12,7 @@ from lightning_mim import ConMIMModule, MimCoModule, MoCoV3Module
 from lightning_mim.data import SampleDataModule, TwoCropViews
 from lightning_mim.masking import BlockMasking
 
-from .helpers import TINY_BEIT, cpu_trainer, flat
+from .helpers import TINY_BEIT, cpu_trainer, flat, losses_on_fixed_batch
 
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
 
@@ -72,15 +72,8 @@ def test_student_is_a_mask_token_vit_with_the_default_heads(stage1_ckpt: Path) -
 def test_loss_falls_on_a_fixed_batch(stage1_ckpt: Path) -> None:
     torch.manual_seed(0)
     module = stage2(stage1_ckpt)
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=2e-3)
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    losses = []
-    for _ in range(20):
-        loss = module.training_step({"images": images}, 0)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = losses_on_fixed_batch(module, {"images": images}, steps=20, lr=2e-3)
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
 
 

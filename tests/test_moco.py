@@ -12,7 +12,7 @@ from lightning_mim.data import SampleDataModule, TwoCropViews
 from lightning_mim.losses import info_nce
 from lightning_mim.nn import sincos_2d_pos_embed
 
-from .helpers import cpu_trainer, flat
+from .helpers import cpu_trainer, flat, losses_on_fixed_batch
 
 TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
 
@@ -76,15 +76,8 @@ def test_momentum_branch_gets_no_gradients_and_follows_ema() -> None:
 def test_learns_on_a_fixed_batch() -> None:
     torch.manual_seed(0)
     module = tiny()
-    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=2e-3)
     data = batch(16)
-    losses = []
-    for _ in range(20):
-        loss = module.training_step(data, 0)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = losses_on_fixed_batch(module, data, steps=20, lr=2e-3)
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
 
 

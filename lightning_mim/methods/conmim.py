@@ -126,10 +126,7 @@ class ConMIMModule(pl.LightningModule):
         kwargs.update(backbone_kwargs or {})
         encoder = MaskedViT(backbone, mode="mask_token", **kwargs)
         grid = encoder.grid_size
-        if masking is None:  # BEiT's 75 of 196 patches with blocks of >= 16, scaled to the grid
-            num_patches = encoder.num_patches
-            masking = BlockMasking(grid, round(75 / 196 * num_patches), max(1, round(16 / 196 * num_patches)))
-        self.masking = masking
+        self.masking = masking if masking is not None else BlockMasking.beit_default(grid)
         if (self.masking.height, self.masking.width) != grid:
             raise ValueError(
                 f"masking grid ({self.masking.height}, {self.masking.width}) does not match "

@@ -159,9 +159,8 @@ class MimCoModule(pl.LightningModule):
             teacher_width if self.teacher_projector is None else int(self._projector_out(self.teacher_projector))
         )
         width, grid = self.student.embed_dim, self.student.grid_size
-        if masking is None:  # DEFAULT: BEiT's 75 of 196 with blocks of >= 16, scaled to the grid
-            n = self.student.num_patches
-            masking = BlockMasking(grid, round(75 / 196 * n), max(1, round(16 / 196 * n)))
+        if masking is None:  # DEFAULT
+            masking = BlockMasking.beit_default(grid)
         if (masking.height, masking.width) != grid:
             raise ValueError(f"masking grid ({masking.height}, {masking.width}) does not match the patch grid {grid}")
         self.masking = masking
