@@ -2,6 +2,21 @@
 
 __version__ = "0.1.0"
 
-from lightning_mim.methods import CMAEModule, ConMIMModule, MimCoModule, MoCoV3Module
+from lightning_mim.methods import (
+    CIMModule,
+    CMAEModule,
+    ConMIMModule,
+    MimCoModule,
+    MoCoV3Module,
+    VQTokenizerModule,
+)
 
-__all__ = ["CMAEModule", "ConMIMModule", "MimCoModule", "MoCoV3Module", "__version__"]
+__all__ = [
+    "CIMModule",
+    "CMAEModule",
+    "ConMIMModule",
+    "MimCoModule",
+    "MoCoV3Module",
+    "VQTokenizerModule",
+    "__version__",
+]

@@ -21,9 +21,11 @@ def stream_seed(stream: int, rank: int = 0, base: int | None = None) -> int:
     return (base * _MIX + stream * 1_000_003 + rank * 7_919) % _MOD
 
 
-def make_generator(stream: int, rank: int = 0, base: int | None = None) -> torch.Generator:
-    """A CPU ``torch.Generator`` seeded with :func:`stream_seed`."""
-    return torch.Generator().manual_seed(stream_seed(stream, rank, base))
+def make_generator(
+    stream: int, rank: int = 0, base: int | None = None, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` (the CPU by default) seeded with :func:`stream_seed`."""
+    return torch.Generator(device=device).manual_seed(stream_seed(stream, rank, base))
 
 
 class CountedStream:
@@ -40,15 +42,19 @@ class CountedStream:
         self.stream = stream
         self.base: int | None = None
         self.count = 0
-        self._generator = torch.Generator()
+        self._generators: dict[torch.device, torch.Generator] = {}
 
-    def next(self, rank: int) -> torch.Generator:
-        """The generator for the next draw on ``rank``."""
+    def next(self, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
+        """The generator (on ``device``, the CPU by default) for the next draw on ``rank``."""
         if self.base is None:
             self.base = torch.initial_seed()
-        self._generator.manual_seed((stream_seed(self.stream, rank, self.base) + self.count) % _MOD)
+        device = torch.device(device)
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = self._generators[device] = torch.Generator(device=device)
+        generator.manual_seed((stream_seed(self.stream, rank, self.base) + self.count) % _MOD)
         self.count += 1
-        return self._generator
+        return generator
 
     def state_dict(self) -> dict[str, Any]:
         return {"base": self.base, "count": self.count}

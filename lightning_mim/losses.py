@@ -12,7 +12,7 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["info_nce", "masked_patch_mse", "patch_contrastive_loss", "patchify"]
+__all__ = ["info_nce", "masked_patch_mse", "patch_contrastive_loss", "patchify", "unpatchify", "window_normalize"]
 
 
 def patch_contrastive_loss(student: Tensor, teacher: Tensor, mask: Tensor, temperature: float = 0.1) -> Tensor:
@@ -104,6 +104,19 @@ def patchify(images: Tensor, patch_size: int) -> Tensor:
     return torch.einsum("nchpwq->nhwpqc", x).reshape(batch, h * w, patch_size * patch_size * channels)
 
 
+def unpatchify(patches: Tensor, patch_size: int, grid: tuple[int, int]) -> Tensor:
+    """Inverse of :func:`patchify`: (B, h*w, P*P*C) -> (B, C, h*P, w*P) for a ``grid`` of (h, w)."""
+    batch, num, dim = patches.shape
+    h, w = grid
+    channels = dim // (patch_size * patch_size)
+    if num != h * w or channels * patch_size * patch_size != dim:
+        raise ValueError(
+            f"patches of shape {tuple(patches.shape)} do not fit a {h}x{w} grid of {patch_size}-px patches"
+        )
+    x = patches.reshape(batch, h, w, patch_size, patch_size, channels)
+    return torch.einsum("nhwpqc->nchpwq", x).reshape(batch, channels, h * patch_size, w * patch_size)
+
+
 def masked_patch_mse(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool = True, eps: float = 1e-6) -> Tensor:
     """Mean squared error over masked patches (MAE, CMAE).
 
@@ -131,3 +144,38 @@ def masked_patch_mse(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool 
     per_patch = (pred.float() - target).pow(2).mean(dim=-1)  # (B, N)
     weights = mask.float()
     return (per_patch * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def window_normalize(images: Tensor, window: int = 8, eps: float = 1e-6) -> Tensor:
+    """Sliding-window normalised images, the ResPix target of CIM.
+
+    Every pixel of every channel becomes ``(x - mean) / sqrt(var + eps)``, where ``mean`` and the
+    *population* variance ``var`` are taken over the ``window`` x ``window`` window at that pixel
+    (stride 1). The image is reflect-padded by ``(window - 1) // 2`` pixels before and ``window // 2``
+    after on each axis (3 and 4 for CIM's window of 8), so the output has the input's size and, for
+    even windows, the pixel sits just above and left of its window's centre.
+
+    Args:
+        images: (B, C, H, W); computed in float32.
+        window: Window side ``k`` (CIM: 8).
+        eps: Added to the variance.
+
+    Returns:
+        (B, C, H, W) float32.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"expected images (B, C, H, W), got shape {tuple(images.shape)}")
+    if window < 2:
+        raise ValueError(f"window must be >= 2, got {window}")
+    before, after = (window - 1) // 2, window // 2
+    if min(images.shape[-2:]) <= after:
+        raise ValueError(f"images of {tuple(images.shape[-2:])} px are too small for reflect padding of {after}")
+    x = images.float()
+    # Window statistics are shift-invariant; centring each channel first keeps E[x^2] - E[x]^2 well
+    # conditioned in float32 (a flat image gives exactly 0).
+    x = x - x.mean(dim=(-2, -1), keepdim=True)
+    padded = F.pad(x, (before, after, before, after), mode="reflect")
+    mean = F.avg_pool2d(padded, window, stride=1)  # (B, C, H, W)
+    mean_sq = F.avg_pool2d(padded * padded, window, stride=1)
+    var = (mean_sq - mean * mean).clamp(min=0.0)
+    return (x - mean) / (var + eps).sqrt()

@@ -41,15 +41,29 @@ def test_config_parses_and_instantiates(config: Path, tmp_path: Path) -> None:
         args += ["--data.root", str(tmp_path)]
     if "mimco" in config.name:  # stage 2 needs a teacher; the documented flag allows a random one
         args += ["--model.teacher_ckpt", "null", "--model.allow_random_teacher", "true"]
+    if "cim" in config.name:  # CIM needs a stage-0 tokenizer; the documented flag allows a random one
+        args += ["--model.tokenizer_ckpt", "null", "--model.allow_random_tokenizer", "true"]
     cli = LightningMIMCLI(args=args, run=False)
     assert cli.model is not None and cli.datamodule is not None
     if config in RECIPES:
         assert cli.trainer.precision == "bf16-mixed"
-        assert "reproduces" in config.read_text()  # each recipe states the official number it targets
+        if config.name != "vq_tokenizer.yaml":  # CIM's stage 0 stands in for the dVAE: no published number
+            assert "reproduces" in config.read_text()  # each recipe states the official number it targets
 
 
 @pytest.mark.parametrize(
-    "recipe", ["conmim_vitb.yaml", "cmae_vitb.yaml", "mae_vitb.yaml", "mocov3_vits.yaml", "mimco_vits.yaml"]
+    "recipe",
+    [
+        "conmim_vitb.yaml",
+        "cmae_vitb.yaml",
+        "mae_vitb.yaml",
+        "mocov3_vits.yaml",
+        "mimco_vits.yaml",
+        "vq_tokenizer.yaml",
+        "cim_vitb_respix.yaml",
+        "cim_vitb_revdet.yaml",
+        "cim_resnet50_respix.yaml",
+    ],
 )
 def test_recipe_smoke_run_on_any_image_folder(recipe: str, tmp_path: Path) -> None:
     """The documented smoke command, for the ViT-B recipes, on a folder of four images."""
@@ -74,6 +88,8 @@ def test_recipe_smoke_run_on_any_image_folder(recipe: str, tmp_path: Path) -> No
     ]
     if recipe.startswith("mimco"):
         cmd += ["--model.allow_random_teacher", "true"]  # as documented in the config
+    if recipe.startswith("cim"):
+        cmd += ["--model.allow_random_tokenizer", "true"]  # as documented in the config
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=1` reached" in result.stdout + result.stderr
@@ -138,3 +154,27 @@ def test_mimco_quickstart_two_stages(tmp_path: Path, monkeypatch: pytest.MonkeyP
     stage1 = torch.load(tmp_path / "runs/quickstart/mocov3/checkpoints/last.ckpt", weights_only=True)["state_dict"]
     teacher = cli.model.teacher.state_dict()
     assert all(torch.equal(v, stage1[f"base.encoder.{k}"]) for k, v in teacher.items())
+
+
+def test_cim_recipe_without_a_tokenizer_says_how_to_get_one(tmp_path: Path) -> None:
+    args = ["--config", str(ROOT / "configs/cim_vitb_respix.yaml"), "--data.root", str(tmp_path)]
+    with pytest.raises(ValueError, match="tokenizer_ckpt"):
+        LightningMIMCLI(args=args, run=False)
+
+
+def test_cim_quickstart_two_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stage 0 writes runs/quickstart/vq_tokenizer/checkpoints/last.ckpt; CIM's config loads it, frozen."""
+    monkeypatch.chdir(tmp_path)
+    stage0 = run_quickstart("vq_tokenizer.yaml")
+    assert torch.isfinite(stage0.trainer.callback_metrics["train/psnr"])
+    assert 0 < stage0.trainer.callback_metrics["train/codebook_usage"] <= 1
+    ckpt = tmp_path / "runs/quickstart/vq_tokenizer/checkpoints/last.ckpt"
+    assert ckpt.is_file()
+    cli = run_quickstart("cim.yaml")
+    metrics = cli.trainer.callback_metrics
+    for key in ("train/loss_gen", "train/loss_enh", "train/gen_accuracy", "train/replaced_frac"):
+        assert torch.isfinite(metrics[key]), key
+    tokenizer = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert all(torch.equal(v, tokenizer[f"tokenizer.{k}"]) for k, v in cli.model.tokenizer.state_dict().items())
+    knn = next(c for c in cli.trainer.callbacks if type(c).__name__ == "OnlineKNN")
+    assert len(knn.history) == 2

@@ -5,7 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 _KEY = "lightning_mim"
-_NAMES = {"conmim": "ConMIM", "cmae": "CMAE", "mae": "MAE", "mocov3": "MoCo v3", "mimco": "MimCo"}
+_NAMES = {
+    "conmim": "ConMIM",
+    "cmae": "CMAE",
+    "mae": "MAE",
+    "mocov3": "MoCo v3",
+    "mimco": "MimCo",
+    "vq_tokenizer": "VQ tokenizer",
+    "cim": "CIM",
+}
 
 
 def write_meta(checkpoint: dict[str, Any], method: str, **state: Any) -> None:

@@ -1,0 +1,327 @@
+"""CIM: corrupted image modeling.
+
+Fang et al., "Corrupted Image Modeling for Self-Supervised Visual Pre-Training", arXiv:2202.03382.
+No official code is public; values marked "chosen default" below are ours.
+
+A small BEiT generator sees the image with ~50% of its patches masked (blocks) and predicts the
+visual tokens that a frozen tokenizer assigns to it. Masked positions are replaced by tokens
+*sampled* from its output; the tokenizer decodes the token map into a corrupted image. The enhancer
+(a ViT or a ResNet) sees only the corrupted image and learns either to restore every original pixel,
+as sliding-window normalised targets (ResPix), or to tell for every token whether it was replaced
+(RevDet). Generator and enhancer train together with ``L = L_G + weight * L_E``; nothing flows from
+the enhancer back to the generator (sampling and the frozen decoder stop it). After pre-training
+only the enhancer is kept.
+
+Batch keys (uint8 images): ``images`` (B, 3, H, W) at the enhancer's input size; ``labels``
+optional, unused. The tokenizer's input (the same crop at ``grid * downsample`` px, 112 for a
+14x14 grid) is resized from it on the device. Validation batches need only ``images``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
+from torch import Tensor, nn
+
+from lightning_mim._rng import CountedStream, make_generator
+from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView, MAEViews, normalize
+from lightning_mim.losses import window_normalize
+from lightning_mim.masking import BlockMasking, MaskGenerator
+from lightning_mim.methods._checkpoint import read_meta, write_meta
+from lightning_mim.methods.tokenizer import load_vq_tokenizer
+from lightning_mim.nn import MaskedViT
+from lightning_mim.nn.enhancer import Enhancer, Objective, timm_family
+from lightning_mim.nn.tokenizer import ImageTokenizer, VQTokenizer
+from lightning_mim.optim import OptimConfig, configure_adamw
+
+__all__ = ["CIM_OPTIM", "CIMModule", "sample_tokens"]
+
+#: Chosen defaults (BEiT-like): AdamW (0.9, 0.999), lr 1.5e-3 per 2048 images, wd 0.05, 10 warmup
+#: epochs, cosine to 1e-5.
+CIM_OPTIM = OptimConfig(
+    lr=1.5e-3, base_batch_size=2048, min_lr=1e-5, weight_decay=0.05, betas=(0.9, 0.999), warmup_epochs=10
+)
+
+_MASK_STREAM = 4
+_SAMPLE_STREAM = 5
+_NO_TOKENIZER = (
+    "CIM needs a frozen tokenizer: pass tokenizer_ckpt (a VQTokenizerModule checkpoint, e.g. from "
+    "`lightning-mim fit --config configs/quickstart/vq_tokenizer.yaml`), a tokenizer object (e.g. "
+    "lightning_mim.nn.DALLETokenizer), or allow_random_tokenizer=True for smoke runs"
+)
+
+
+def sample_tokens(
+    logits: Tensor, ids: Tensor, mask: Tensor, temperature: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """Token map with masked positions replaced by samples from ``softmax(logits / temperature)``.
+
+    Args:
+        logits: Generator outputs (B, N, V); not differentiated.
+        ids: Original token ids (B, N).
+        mask: Bool (B, N), True where a sample replaces the original.
+        temperature: Sampling temperature (> 0).
+        generator: Random stream for the samples.
+
+    Returns:
+        Corrupted ids (B, N), long. A sample may equal the original id.
+    """
+    with torch.no_grad():
+        # Inverse-CDF sampling: one uniform number per token instead of one per vocabulary entry.
+        cdf = torch.softmax(logits.detach().float() / temperature, dim=-1).cumsum(dim=-1)  # (B, N, V)
+        u = torch.rand(ids.shape, generator=generator, device=cdf.device).unsqueeze(-1) * cdf[..., -1:]
+        samples = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
+        return torch.where(mask, samples, ids)
+
+
+class _Generator(nn.Module):
+    """BEiT with mask tokens and a LayerNorm + Linear(D, V) head: token logits (B, N, V)."""
+
+    def __init__(self, arch: str, vocab_size: int, **timm_kwargs: Any) -> None:
+        super().__init__()
+        self.encoder = MaskedViT(arch, mode="mask_token", **timm_kwargs)
+        width = self.encoder.embed_dim
+        logits = nn.Linear(width, vocab_size)
+        nn.init.trunc_normal_(logits.weight, std=0.02)  # BEiT's head init: near-uniform logits at start
+        nn.init.zeros_(logits.bias)
+        self.head = nn.Sequential(nn.LayerNorm(width), logits)
+
+    def forward(self, images: Tensor, mask: Tensor) -> Tensor:
+        return self.head(self.encoder.patch_tokens(self.encoder(images, mask)))
+
+
+class CIMModule(pl.LightningModule):
+    """CIM pre-training (see the module docstring for the method and the batch keys).
+
+    The tokenizer is frozen throughout: eval mode, no gradients, not in the optimizer. It comes
+    from ``tokenizer_ckpt`` (a :class:`~lightning_mim.VQTokenizerModule` checkpoint), from a
+    ``tokenizer`` object (e.g. :class:`~lightning_mim.nn.DALLETokenizer`, the paper's dVAE, from
+    local files), or, for smoke runs only, a randomly initialised :class:`VQTokenizer`
+    (``allow_random_tokenizer``).
+
+    Args:
+        enhancer: timm name of the enhancer: a ViT (``vit_base_patch16_224``) or ``resnet50``.
+        enhancer_kwargs: timm arguments; ViTs get the chosen defaults drop path 0.1 and layer
+            scale 0.1 (spec) unless given.
+        objective: ``"respix"`` (restore pixels) or ``"revdet"`` (detect replaced tokens).
+        image_size: Enhancer input side; ViTs read it from their ``img_size`` when None, ResNets
+            default to 224.
+        tokenizer_ckpt: Stage-0 checkpoint path.
+        tokenizer: A ready :class:`ImageTokenizer` (instead of ``tokenizer_ckpt``).
+        allow_random_tokenizer: Use a random VQ tokenizer when none is given (smoke runs only).
+        generator: timm BEiT name of the generator.
+        generator_kwargs: timm arguments of the generator; chosen defaults depth 4, the enhancer's
+            width (768 for a ResNet enhancer), width / 64 heads, the token grid's patch size.
+        masking: Mask generator over the token grid; chosen default BEiT blocks over ~50% of it.
+        temperature: Sampling temperature (chosen default 1).
+        enhancer_weight: Weight of the enhancer loss (chosen default 1).
+        window: ResPix normalisation window (8).
+        clip_grad_norm: If set, clip the gradient norm of the generator and of the enhancer
+            separately to this value (the spec clips per network).
+        optim: AdamW + warmup-cosine settings; default ``CIM_OPTIM``.
+        mean: Normalisation mean (of images in [0, 1]).
+        std: Normalisation std.
+    """
+
+    def __init__(
+        self,
+        enhancer: str = "vit_base_patch16_224",
+        enhancer_kwargs: dict[str, Any] | None = None,
+        objective: Objective = "respix",
+        image_size: int | None = None,
+        tokenizer_ckpt: str | None = None,
+        tokenizer: ImageTokenizer | None = None,
+        allow_random_tokenizer: bool = False,
+        generator: str = "beit_base_patch16_224",
+        generator_kwargs: dict[str, Any] | None = None,
+        masking: MaskGenerator | None = None,
+        temperature: float = 1.0,
+        enhancer_weight: float = 1.0,
+        window: int = 8,
+        clip_grad_norm: float | None = None,
+        optim: OptimConfig = CIM_OPTIM,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["tokenizer", "masking", "optim"])
+        self.hparams["optim"] = dataclasses.asdict(optim)  # plain types: checkpoints load with weights_only
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if enhancer_weight < 0:
+            raise ValueError(f"enhancer_weight must be >= 0, got {enhancer_weight}")
+        if clip_grad_norm is not None and clip_grad_norm <= 0:
+            raise ValueError(f"clip_grad_norm must be > 0 or None, got {clip_grad_norm}")
+        self.tokenizer = self._build_tokenizer(tokenizer_ckpt, tokenizer, allow_random_tokenizer)
+        kwargs = dict(enhancer_kwargs or {})
+        if timm_family(enhancer) != "timm.models.resnet":
+            kwargs.setdefault("drop_path_rate", 0.1)
+            kwargs.setdefault("init_values", 0.1)
+        self.enhancer = Enhancer(enhancer, objective, image_size, **kwargs)
+        self.image_size = self.enhancer.image_size
+        grid = self.enhancer.grid_size
+        width = self.enhancer.width if self.enhancer.is_vit else 768
+        gen_kwargs = {
+            "depth": 4,
+            "embed_dim": width,
+            "num_heads": max(1, width // 64),
+            "img_size": self.image_size,
+            "patch_size": self.image_size // grid[0],
+            **(generator_kwargs or {}),
+        }
+        self.generator = _Generator(generator, self.tokenizer.vocab_size, **gen_kwargs)
+        if self.generator.encoder.grid_size != grid:
+            raise ValueError(
+                f"the generator's patch grid {self.generator.encoder.grid_size} does not match the enhancer's "
+                f"token grid {grid}; set generator_kwargs.patch_size"
+            )
+        self.tokenizer_size = grid[0] * self.tokenizer.downsample
+        self.masking = (
+            masking if masking is not None else BlockMasking(grid, num_masking_patches=round(0.5 * grid[0] * grid[1]))
+        )
+        if (self.masking.height, self.masking.width) != grid:
+            raise ValueError(
+                f"masking grid ({self.masking.height}, {self.masking.width}) does not match the token grid {grid}"
+            )
+        self.objective = objective
+        self.temperature = temperature
+        self.enhancer_weight = enhancer_weight
+        self.window = window
+        self.clip_grad_norm = clip_grad_norm
+        self.optim = optim
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._mask_stream = CountedStream(_MASK_STREAM)
+        self._sample_stream = CountedStream(_SAMPLE_STREAM)
+
+    @staticmethod
+    def _build_tokenizer(path: str | None, tokenizer: ImageTokenizer | None, allow_random: bool) -> ImageTokenizer:
+        if path is not None and tokenizer is not None:
+            raise ValueError("pass either tokenizer_ckpt or tokenizer, not both")
+        if tokenizer is None:
+            if path is not None:
+                tokenizer = load_vq_tokenizer(Path(path))
+            elif allow_random:
+                tokenizer = VQTokenizer()
+            else:
+                raise ValueError(_NO_TOKENIZER)
+        return tokenizer.requires_grad_(False).eval()
+
+    # ----------------------------------------------------------------------------------- parts
+    def train(self, mode: bool = True) -> CIMModule:
+        """Sets train/eval mode; the tokenizer stays in eval mode (frozen codebook and norms)."""
+        super().train(mode)
+        self.tokenizer.eval()
+        return self
+
+    def train_views(self) -> MAEViews:
+        """Data-loader transform: random resized crop (chosen default BEiT's scale (0.08, 1)) and flip."""
+        return MAEViews(size=self.image_size, scale=(0.08, 1.0))
+
+    def eval_views(self) -> EvalView:
+        return EvalView(size=self.image_size, crop_fraction=0.875 if self.image_size >= 64 else 1.0)
+
+    def encoder(self) -> nn.Module:
+        """The pre-trained encoder: the enhancer's timm backbone (generator and tokenizer are dropped)."""
+        return self.enhancer.backbone
+
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        return configure_adamw(
+            self, nn.ModuleDict({"generator": self.generator, "enhancer": self.enhancer}), self.optim
+        )
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if self.clip_grad_norm is not None:
+            for network in (self.generator, self.enhancer):
+                nn.utils.clip_grad_norm_(network.parameters(), self.clip_grad_norm, foreach=True)
+
+    # ---------------------------------------------------------------------------------- steps
+    def losses(self, images_uint8: Tensor, mask: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
+        """All CIM terms for uint8 ``images_uint8`` (B, 3, H, W) and ``mask`` (B, N) over the token grid."""
+        pixels = images_uint8.float() / 255.0  # (B, 3, H, W) in [0, 1]
+        images = normalize(images_uint8, self.mean, self.std)
+        with torch.no_grad():
+            small = F.interpolate(
+                pixels, size=self.tokenizer_size, mode="bilinear", antialias=True, align_corners=False
+            )
+            ids = self.tokenizer.encode(small.clamp(0, 1)).flatten(1)  # (B, N)
+        logits = self.generator(images, mask)  # (B, N, V)
+        per_token = F.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none")  # (B, N)
+        weights = mask.float()
+        num_masked = weights.sum().clamp(min=1.0)
+        loss_gen = (per_token * weights).sum() / num_masked
+        corrupted = sample_tokens(logits, ids, mask, self.temperature, generator)  # (B, N)
+        replaced = corrupted != ids  # RevDet labels: a sample equal to the original counts as original
+        with torch.no_grad():
+            grid = self.enhancer.grid_size
+            decoded = self.tokenizer.decode(corrupted.view(-1, *grid))  # (B, 3, h*d, w*d) in [0, 1]
+            decoded = F.interpolate(decoded.float(), size=self.image_size, mode="bilinear", align_corners=False)
+            corrupted_images = normalize(decoded.clamp(0, 1) * 255.0, self.mean, self.std)
+        out = self.enhancer(corrupted_images)
+        if self.objective == "revdet":
+            loss_enh = F.binary_cross_entropy_with_logits(out.float(), replaced.float())
+        else:
+            loss_enh = F.mse_loss(out.float(), window_normalize(images, self.window))
+        with torch.no_grad():
+            accuracy = ((logits.argmax(dim=-1) == ids).float() * weights).sum() / num_masked
+        return {
+            "loss": loss_gen + self.enhancer_weight * loss_enh,
+            "loss_gen": loss_gen,
+            "loss_enh": loss_enh,
+            "gen_accuracy": accuracy,
+            "replaced_frac": replaced.float().mean(),
+            "corrupted_images": corrupted_images,
+            "output": out,
+        }
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        images = batch["images"]
+        mask = self.masking(images.shape[0], device=self.device, generator=self._mask_stream.next(self.global_rank))
+        terms = self.losses(images, mask, self._sample_stream.next(self.global_rank, self.device))
+        self.log("train/loss", terms["loss"], prog_bar=True)
+        for key in ("loss_gen", "loss_enh", "gen_accuracy", "replaced_frac"):
+            self.log(f"train/{key}", terms[key])
+        return terms["loss"]
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        images = batch["images"]
+        mask = self.masking(
+            images.shape[0],
+            device=self.device,
+            generator=make_generator(_MASK_STREAM, rank=self.global_rank, base=batch_idx),
+        )
+        sampler = make_generator(_SAMPLE_STREAM, rank=self.global_rank, base=batch_idx, device=self.device)
+        terms = self.losses(images, mask, sampler)
+        for key in ("loss_gen", "loss_enh", "gen_accuracy"):
+            self.log(f"val/{key}", terms[key], sync_dist=True)
+
+    @torch.no_grad()
+    def embed(self, images: Tensor) -> Tensor:
+        """Pooled enhancer features for uint8 images: (B, D)."""
+        return self.enhancer.pooled(normalize(images, self.mean, self.std))
+
+    # --------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        write_meta(
+            checkpoint,
+            "cim",
+            mask_stream=self._mask_stream.state_dict(),
+            sample_stream=self._sample_stream.state_dict(),
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = read_meta(checkpoint, "cim")
+        self._mask_stream.load_state_dict(meta["mask_stream"])
+        self._sample_stream.load_state_dict(meta["sample_stream"])
