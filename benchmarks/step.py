@@ -2,13 +2,16 @@
 
     python benchmarks/step.py --method cmae --arch vit_base --batch 8 --steps 3
     python benchmarks/step.py --method conmim --arch vit_base --batch 8 --steps 3
+    python benchmarks/step.py --method cim --arch vit_base --batch 8 --steps 3
 
 "ours" is one full training step of the method's LightningModule on an in-memory batch: mask
 generation, normalisation, every forward, the loss, backward, AdamW and the EMA update (the work
 Lightning's loop and the EMATeacher callback do, without the loop itself). The "floor" is the bare
 timm backbone doing the unavoidable work of the method on the same inputs: forward + backward on the
 tokens the student encodes (all tokens for ConMIM, 1 + visible for CMAE/MAE) plus a no-grad forward
-on all tokens for the teacher/target (none for MAE), then AdamW. Times are medians of ``--steps``
+on all tokens for the teacher/target (none for MAE), then AdamW. For CIM the floor is the enhancer
+alone (forward + backward on all tokens): the ratio is the price of the generator and the tokenizer
+(a random VQ tokenizer of the recipe's shape: 1024 codes, /8 at 112 px). Times are medians of ``--steps``
 steps after one warm-up step, on this machine's CPU (or the GPU when available).
 """
 
@@ -21,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from lightning_mim import CMAEModule, ConMIMModule
+from lightning_mim import CIMModule, CMAEModule, ConMIMModule
 from lightning_mim.masking import RandomMasking
 from lightning_mim.nn import MaskedViT
 
@@ -39,6 +42,8 @@ def build(method: str, arch: str) -> torch.nn.Module:
         return CMAEModule(backbone=f"{arch}_patch16_224")
     if method == "mae":
         return CMAEModule(backbone=f"{arch}_patch16_224", contrastive_weight=0.0, masking=RandomMasking(14, 0.75))
+    if method == "cim":
+        return CIMModule(enhancer=f"{arch}_patch16_224", allow_random_tokenizer=True)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -58,7 +63,7 @@ def median_time(step: Callable[[], None], steps: int, device: torch.device) -> f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", choices=["conmim", "cmae", "mae"], required=True)
+    parser.add_argument("--method", choices=["conmim", "cmae", "mae", "cim"], required=True)
     parser.add_argument("--arch", choices=sorted(ARCHS), default="vit_base")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
@@ -71,7 +76,12 @@ def main() -> None:
     module.train()
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    pairs = list(module.momentum_pairs()) if hasattr(module, "momentum_pairs") else [(module.student, module.teacher)]
+    if args.method == "cim":
+        pairs = []  # no teacher
+    elif hasattr(module, "momentum_pairs"):
+        pairs = list(module.momentum_pairs())
+    else:
+        pairs = [(module.student, module.teacher)]
     teacher_params = [p for _, t in pairs for p in t.parameters()]
     student_named = [dict(s.named_parameters()) for s, _ in pairs]
     student_params = [
@@ -106,10 +116,13 @@ def main() -> None:
 
     def floor() -> None:
         with autocast:
-            if args.method != "mae":
+            if args.method not in ("mae", "cim"):
                 with torch.no_grad():
                     backbone(x)  # teacher / target: all tokens, no grad
-            out = backbone(x, mask, num_visible=num_visible) if visible_only else backbone(x, mask)
+            if visible_only:
+                out = backbone(x, mask, num_visible=num_visible)
+            else:
+                out = backbone(x) if args.method == "cim" else backbone(x, mask)
             loss = out.float().pow(2).mean()
         floor_optimizer.zero_grad(set_to_none=True)
         loss.backward()

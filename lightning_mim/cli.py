@@ -3,6 +3,7 @@
     lightning-mim fit --config configs/conmim_vitb.yaml --data.root /data/imagenet
     lightning-mim fit --config configs/quickstart/conmim.yaml
     lightning-mim fit --config configs/conmim_vitb.yaml --print_config
+    lightning-mim export runs/conmim_vitb/checkpoints/last.ckpt exported/conmim_vitb [--which teacher]
 
 Any LightningModule / LightningDataModule can be named by ``class_path``; lightning-mim's are
 importable by their short names (``ConMIMModule``, ``ImageNetDataModule``, ``SampleDataModule``).
@@ -10,6 +11,9 @@ importable by their short names (``ConMIMModule``, ``ImageNetDataModule``, ``Sam
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
@@ -43,8 +47,41 @@ class LightningMIMCLI(LightningCLI):
         super().__init__(pl.LightningModule, pl.LightningDataModule, args=args, run=run, **kwargs)
 
 
+def export_main(argv: list[str]) -> None:
+    """``lightning-mim export CKPT OUTDIR [--which student|teacher]``: the encoder for timm."""
+    from lightning_mim.export import to_timm
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-mim export",
+        description="Write a pre-trained encoder as OUTDIR/model.safetensors + OUTDIR/config.json for timm.",
+    )
+    parser.add_argument("checkpoint", help="a lightning-mim method checkpoint (.ckpt)")
+    parser.add_argument("out_dir", help="output folder (created)")
+    parser.add_argument(
+        "--which",
+        choices=["student", "teacher"],
+        default=None,
+        help="encoder to export (default: the method's recommended one; ConMIM: teacher, others: student)",
+    )
+    options = parser.parse_args(argv)
+    try:
+        out = to_timm(options.checkpoint, options.out_dir, options.which)
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"lightning-mim export: error: {err}\n")
+    config = json.loads((out / "config.json").read_text())
+    print(f"wrote {out / 'model.safetensors'} ({config['method']}, {config['which']} encoder)")
+    print(
+        f"load it with: timm.create_model({config['architecture']!r}, pretrained=True, num_classes=0, "
+        f"pretrained_cfg_overlay={{'file': {str(out / 'model.safetensors')!r}}}, **{config['model_args']!r})"
+    )
+
+
 def main(args: ArgsType = None) -> None:
     """Entry point of ``lightning-mim`` and ``python -m lightning_mim``."""
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list) and argv[:1] == ["export"]:
+        export_main([str(a) for a in argv[1:]])
+        return
     LightningMIMCLI(args=args)
 
 

@@ -50,9 +50,11 @@ def method_case(out: str, devices: int, method: str) -> None:
     """A few steps of a method under Lightning DDP; teacher checksums per rank and the kNN accuracy."""
     import lightning.pytorch as pl
 
-    from lightning_mim import CMAEModule, ConMIMModule, MimCoModule, MoCoV3Module
+    from lightning_mim import CIMModule, CMAEModule, ConMIMModule, MimCoModule, MoCoV3Module, VQTokenizerModule
     from lightning_mim.callbacks import OnlineKNN
     from lightning_mim.data import SampleDataModule
+    from lightning_mim.masking import BlockMasking
+    from lightning_mim.nn import VQTokenizer
     from lightning_mim.optim import OptimConfig
 
     pl.seed_everything(0)
@@ -84,6 +86,22 @@ def method_case(out: str, devices: int, method: str) -> None:
             optim=optim,
         )
         teacher = module.momentum_branch
+    elif method == "vq_tokenizer":
+        module = VQTokenizerModule(
+            vocab_size=32, code_dim=8, hidden_dim=16, num_res_blocks=1, downsample=4, image_size=32, optim=optim
+        )
+        teacher = module.tokenizer  # checksum of parameters and the EMA codebook buffers (below)
+    elif method == "cim":
+        module = CIMModule(
+            enhancer="vit_small_patch16_224",
+            enhancer_kwargs={"img_size": 32, "patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 2},
+            tokenizer=VQTokenizer(vocab_size=32, code_dim=8, hidden_dim=16, num_res_blocks=1, downsample=4),
+            generator_kwargs={"depth": 1},
+            masking=BlockMasking(8, num_masking_patches=32, min_num_patches=4),
+            window=4,
+            optim=optim,
+        )
+        teacher = module.enhancer
     else:
         module = CMAEModule(
             backbone="vit_small_patch16_224",
@@ -99,6 +117,7 @@ def method_case(out: str, devices: int, method: str) -> None:
         teacher = module.target_encoder
     dm = SampleDataModule(batch_size=8, num_workers=0, train_size=64, val_size=25)
     knn = OnlineKNN(k=5, batch_size=16)
+    callbacks = [knn] if hasattr(module, "embed") else []  # the tokenizer has no features to probe
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -110,10 +129,12 @@ def method_case(out: str, devices: int, method: str) -> None:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        callbacks=[knn],
+        callbacks=callbacks,
     )
     trainer.fit(module, dm)
-    checksum = float(sum(p.double().sum() for p in teacher.parameters()))
+    checksum = float(
+        sum(p.double().sum() for p in [*teacher.parameters(), *teacher.buffers()] if p.is_floating_point())
+    )
     result = {"teacher_checksum": checksum, "knn": knn.history}
     if method == "mimco" and devices > 1:
         result["image_loss_gap"] = mimco_image_loss_gap(module)

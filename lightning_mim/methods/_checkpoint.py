@@ -16,9 +16,17 @@ _NAMES = {
 }
 
 
-def write_meta(checkpoint: dict[str, Any], method: str, **state: Any) -> None:
-    """Records ``method`` (and any plain-typed ``state``) in a checkpoint being saved."""
+def write_meta(checkpoint: dict[str, Any], method: str, module: Any = None, **state: Any) -> None:
+    """Records ``method`` (and any plain-typed ``state``) in a checkpoint being saved.
+
+    With ``module`` (a method module with ``export_encoders()``), also records which timm encoders
+    the checkpoint holds, so that :func:`lightning_mim.export.to_timm` needs nothing else.
+    """
     checkpoint[_KEY] = {"method": method, **state}
+    if module is not None:
+        from lightning_mim.export import encoder_meta
+
+        checkpoint[_KEY].update(encoder_meta(module))
 
 
 def read_meta(checkpoint: dict[str, Any], method: str) -> dict[str, Any]:

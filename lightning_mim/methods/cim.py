@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from lightning_mim._rng import CountedStream, make_generator
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView, MAEViews, normalize
+from lightning_mim.export import EncoderSpec
 from lightning_mim.losses import window_normalize
 from lightning_mim.masking import BlockMasking, MaskGenerator
 from lightning_mim.methods._checkpoint import read_meta, write_meta
@@ -231,6 +232,12 @@ class CIMModule(pl.LightningModule):
         """The pre-trained encoder: the enhancer's timm backbone (generator and tokenizer are dropped)."""
         return self.enhancer.backbone
 
+    default_export = "student"
+
+    def export_encoders(self) -> dict[str, EncoderSpec]:
+        """What :func:`lightning_mim.export.to_timm` can write: the enhancer's backbone only."""
+        return {"student": EncoderSpec(self.enhancer.arch, self.enhancer.timm_kwargs, self.enhancer.backbone)}
+
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         return configure_adamw(
             self, nn.ModuleDict({"generator": self.generator, "enhancer": self.enhancer}), self.optim
@@ -317,6 +324,7 @@ class CIMModule(pl.LightningModule):
         write_meta(
             checkpoint,
             "cim",
+            module=self,
             mask_stream=self._mask_stream.state_dict(),
             sample_stream=self._sample_stream.state_dict(),
         )

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from lightning_mim._rng import CountedStream, make_generator
 from lightning_mim.callbacks.ema import EMATeacher
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, CMAEViews, EvalView, MAEViews, normalize
+from lightning_mim.export import EncoderSpec
 from lightning_mim.losses import info_nce, masked_patch_mse, patchify
 from lightning_mim.masking import GridMasking, MaskGenerator
 from lightning_mim.methods._checkpoint import read_meta, write_meta
@@ -187,6 +188,15 @@ class CMAEModule(pl.LightningModule):
             return []
         return [(self.encoder, self.target_encoder), (self.online_heads.projector, self.target_projector)]
 
+    default_export = "student"
+
+    def export_encoders(self) -> dict[str, EncoderSpec]:
+        """What :func:`lightning_mim.export.to_timm` can write: the online encoder, which CMAE fine-tunes.
+
+        The target encoder has no final norm, so it is not a complete timm model and is not offered.
+        """
+        return {"student": EncoderSpec(self.encoder.arch, self.encoder.timm_kwargs, self.encoder.vit)}
+
     def configure_callbacks(self) -> list[Callback]:
         if not self.contrastive:
             return []
@@ -249,7 +259,7 @@ class CMAEModule(pl.LightningModule):
 
     # --------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        write_meta(checkpoint, self._method, mask_stream=self._mask_stream.state_dict())
+        write_meta(checkpoint, self._method, module=self, mask_stream=self._mask_stream.state_dict())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._mask_stream.load_state_dict(read_meta(checkpoint, self._method)["mask_stream"])

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from lightning_mim._rng import CountedStream, make_generator
 from lightning_mim.callbacks.ema import EMATeacher
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, ConMIMViews, EvalView, normalize
+from lightning_mim.export import EncoderSpec
 from lightning_mim.losses import patch_contrastive_loss
 from lightning_mim.masking import BlockMasking, MaskGenerator
 from lightning_mim.methods._checkpoint import read_meta, write_meta
@@ -164,6 +165,16 @@ class ConMIMModule(pl.LightningModule):
         network = self.student if which == "student" else self.teacher
         return network.encoder
 
+    #: The official fine-tuning starts from the EMA teacher.
+    default_export = "teacher"
+
+    def export_encoders(self) -> dict[str, EncoderSpec]:
+        """What :func:`lightning_mim.export.to_timm` can write: the student's and the teacher's timm backbone."""
+        return {
+            which: EncoderSpec(enc.arch, enc.timm_kwargs, enc.vit)
+            for which, enc in (("student", self.encoder("student")), ("teacher", self.encoder("teacher")))
+        }
+
     # ---------------------------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         images = normalize(batch["images"], self.mean, self.std)
@@ -197,7 +208,7 @@ class ConMIMModule(pl.LightningModule):
 
     # --------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        write_meta(checkpoint, "conmim", mask_stream=self._mask_stream.state_dict())
+        write_meta(checkpoint, "conmim", module=self, mask_stream=self._mask_stream.state_dict())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._mask_stream.load_state_dict(read_meta(checkpoint, "conmim")["mask_stream"])

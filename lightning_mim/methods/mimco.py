@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from lightning_mim._rng import CountedStream, make_generator
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView, MAEViews, normalize
+from lightning_mim.export import EncoderSpec
 from lightning_mim.losses import info_nce, patch_contrastive_loss
 from lightning_mim.masking import BlockMasking, MaskGenerator
 from lightning_mim.methods._checkpoint import read_meta, write_meta
@@ -277,8 +278,14 @@ class MimCoModule(pl.LightningModule):
         return self.student.patch_tokens(tokens).mean(dim=1)
 
     # --------------------------------------------------------------------------- checkpoints
+    default_export = "student"
+
+    def export_encoders(self) -> dict[str, EncoderSpec]:
+        """What :func:`lightning_mim.export.to_timm` can write: the student (the teacher is stage 1's)."""
+        return {"student": EncoderSpec(self.student.arch, self.student.timm_kwargs, self.student.vit)}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        write_meta(checkpoint, "mimco", mask_stream=self._mask_stream.state_dict())
+        write_meta(checkpoint, "mimco", module=self, mask_stream=self._mask_stream.state_dict())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._mask_stream.load_state_dict(read_meta(checkpoint, "mimco")["mask_stream"])

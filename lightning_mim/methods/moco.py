@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from lightning_mim.callbacks.ema import EMATeacher
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView, TwoCropViews, normalize
+from lightning_mim.export import EncoderSpec
 from lightning_mim.losses import info_nce
 from lightning_mim.methods._checkpoint import read_meta, write_meta
 from lightning_mim.nn import BNProjector, freeze_sincos_pos_embed
@@ -102,6 +103,7 @@ class MoCoV3Module(pl.LightningModule):
             raise ValueError(f"unknown timm architecture {backbone!r} (see timm.list_models('vit_*'))")
         kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": "token", **(backbone_kwargs or {})}
         encoder: Any = timm.create_model(backbone, **kwargs)
+        self._encoder_spec = (backbone, kwargs)
         if freeze_patch_projection:
             encoder.patch_embed.requires_grad_(False)
         if fixed_pos_embed and getattr(encoder, "pos_embed", None) is not None:
@@ -178,8 +180,18 @@ class MoCoV3Module(pl.LightningModule):
         return self.encoder(normalize(images, self.mean, self.std))
 
     # --------------------------------------------------------------------------- checkpoints
+    default_export = "student"
+
+    def export_encoders(self) -> dict[str, EncoderSpec]:
+        """What :func:`lightning_mim.export.to_timm` can write: the base and the momentum encoder."""
+        arch, kwargs = self._encoder_spec
+        return {
+            "student": EncoderSpec(arch, kwargs, self.base.encoder),
+            "teacher": EncoderSpec(arch, kwargs, self.momentum_branch.encoder),
+        }
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        write_meta(checkpoint, "mocov3")
+        write_meta(checkpoint, "mocov3", module=self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         read_meta(checkpoint, "mocov3")

@@ -57,6 +57,7 @@ class Enhancer(nn.Module):
             timm_kwargs.setdefault("global_pool", "")
         # typed Any: timm's submodules (patch_embed, num_features, ...) are reached by attribute
         self.backbone: Any = timm.create_model(arch, **timm_kwargs)
+        self.timm_kwargs: dict[str, Any] = dict(timm_kwargs)  # what rebuilds self.backbone (for export)
         self.objective = objective
         self.arch = arch
         if isinstance(self.backbone, (VisionTransformer, Beit)):

@@ -74,6 +74,7 @@ class MaskedViT(nn.Module):
         timm_kwargs.setdefault("global_pool", "token")
         # typed Any: timm's submodules (blocks, norms, tokens) are reached by attribute below
         self.vit: Any = timm.create_model(arch, pretrained=pretrained, **timm_kwargs)
+        self.timm_kwargs: dict[str, Any] = dict(timm_kwargs)  # what rebuilds self.vit (for export)
         if not isinstance(self.vit, (VisionTransformer, Beit)):
             raise TypeError(f"{arch!r} builds a {type(self.vit).__name__}; MaskedViT needs a timm ViT or BEiT")
         self.is_beit = isinstance(self.vit, Beit)
