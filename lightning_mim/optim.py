@@ -137,22 +137,39 @@ def _warmup_steps(trainer: pl.Trainer, config: OptimConfig) -> int:
     return round(config.warmup_epochs * steps_per_epoch)
 
 
-def configure_adamw(module: pl.LightningModule, model: nn.Module, config: OptimConfig) -> OptimizerLRSchedulerConfig:
-    """AdamW over ``model``'s trainable parameters with the warmup-cosine schedule, for Lightning.
+def peak_lr(module: pl.LightningModule, config: OptimConfig) -> float:
+    """The peak learning rate of ``config`` for ``module``'s run (scaled by the global batch if asked)."""
+    global_batch = global_batch_size(module.trainer) if config.base_batch_size is not None else 0
+    return scaled_lr(config.lr, global_batch, config.base_batch_size)
 
-    Call from ``configure_optimizers``. The schedule length is ``trainer.estimated_stepping_batches``
-    (optimizer steps, so gradient accumulation is accounted for).
+
+def with_schedule(
+    module: pl.LightningModule, optimizer: torch.optim.Optimizer, config: OptimConfig
+) -> OptimizerLRSchedulerConfig:
+    """``optimizer`` (its groups' ``lr`` set to their peak values) with the per-step warmup-cosine schedule.
+
+    The schedule length is ``trainer.estimated_stepping_batches`` (optimizer steps, so gradient
+    accumulation is accounted for); the final lr is ``min_lr`` scaled like the peak.
     """
     trainer = module.trainer
     total_steps = int(trainer.estimated_stepping_batches)  # also sets num_training_batches
     warmup = min(_warmup_steps(trainer, config), total_steps)
-    global_batch = global_batch_size(trainer) if config.base_batch_size is not None else 0
-    peak = scaled_lr(config.lr, global_batch, config.base_batch_size)
-    final = scaled_lr(config.min_lr, global_batch, config.base_batch_size)
+    final_ratio = config.min_lr / config.lr
+    factor = partial(warmup_cosine, total_steps=total_steps, warmup_steps=warmup, final_ratio=final_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+def configure_adamw(module: pl.LightningModule, model: nn.Module, config: OptimConfig) -> OptimizerLRSchedulerConfig:
+    """AdamW over ``model``'s trainable parameters with the warmup-cosine schedule, for Lightning.
+
+    Call from ``configure_optimizers``. Weight-decay rules and layer decay as in :func:`param_groups`;
+    the CUDA fused kernel is used when every parameter is on a GPU.
+    """
+    peak = peak_lr(module, config)
     groups = param_groups(model, config.weight_decay, config.layer_decay)
     for group in groups:
         group["lr"] = peak * group.pop("lr_scale", 1.0)
-    optimizer = torch.optim.AdamW(groups, lr=peak, betas=config.betas, eps=config.eps)
-    factor = partial(warmup_cosine, total_steps=total_steps, warmup_steps=warmup, final_ratio=final / peak)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+    on_gpu = all(p.is_cuda for group in groups for p in group["params"])
+    optimizer = torch.optim.AdamW(groups, lr=peak, betas=config.betas, eps=config.eps, fused=on_gpu or None)
+    return with_schedule(module, optimizer, config)

@@ -43,6 +43,10 @@ def test_config_parses_and_instantiates(config: Path, tmp_path: Path) -> None:
         args += ["--model.teacher_ckpt", "null", "--model.allow_random_teacher", "true"]
     if "cim" in config.name:  # CIM needs a stage-0 tokenizer; the documented flag allows a random one
         args += ["--model.tokenizer_ckpt", "null", "--model.allow_random_tokenizer", "true"]
+    if config.stem in ("finetune", "linear") or config.stem.startswith(("finetune_", "linear_")):
+        # evaluations need pre-trained weights; a random encoder of the architecture builds without them
+        arch = "resnet50" if "resnet" in config.name else "vit_small_patch16_224"
+        args += ["--model.weights", "null", "--model.arch", arch]
     cli = LightningMIMCLI(args=args, run=False)
     assert cli.model is not None and cli.datamodule is not None
     if config in RECIPES:
@@ -63,6 +67,9 @@ def test_config_parses_and_instantiates(config: Path, tmp_path: Path) -> None:
         "cim_vitb_respix.yaml",
         "cim_vitb_revdet.yaml",
         "cim_resnet50_respix.yaml",
+        "finetune_vitb.yaml",
+        "finetune_resnet50.yaml",
+        "linear_vitb.yaml",
     ],
 )
 def test_recipe_smoke_run_on_any_image_folder(recipe: str, tmp_path: Path) -> None:
@@ -90,6 +97,9 @@ def test_recipe_smoke_run_on_any_image_folder(recipe: str, tmp_path: Path) -> No
         cmd += ["--model.allow_random_teacher", "true"]  # as documented in the config
     if recipe.startswith("cim"):
         cmd += ["--model.allow_random_tokenizer", "true"]  # as documented in the config
+    if recipe.startswith(("finetune", "linear")):  # as documented: no weights, a random encoder
+        arch = "resnet50" if "resnet" in recipe else "vit_base_patch16_224"
+        cmd += ["--model.weights", "null", "--model.arch", arch]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=1` reached" in result.stdout + result.stderr
@@ -178,3 +188,19 @@ def test_cim_quickstart_two_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert all(torch.equal(v, tokenizer[f"tokenizer.{k}"]) for k, v in cli.model.tokenizer.state_dict().items())
     knn = next(c for c in cli.trainer.callbacks if type(c).__name__ == "OnlineKNN")
     assert len(knn.history) == 2
+
+
+def test_evaluation_quickstarts_after_conmim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """linear.yaml and finetune.yaml read runs/quickstart/conmim/checkpoints/last.ckpt and report accuracy."""
+    monkeypatch.chdir(tmp_path)
+    run_quickstart("conmim.yaml")
+    assert (tmp_path / "runs/quickstart/conmim/checkpoints/last.ckpt").is_file()
+    for config in ("linear.yaml", "finetune.yaml"):
+        args = [
+            "fit", "--config", str(ROOT / "configs/quickstart" / config),
+            "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1", "--trainer.limit_val_batches", "1",
+            "--trainer.logger", "false", "--trainer.default_root_dir", "run",
+            "--data.train_size", "256", "--data.val_size", "64", "--data.batch_size", "32", "--data.num_workers", "0",
+        ]  # fmt: skip
+        cli = LightningMIMCLI(args=args)
+        assert 0.0 <= cli.trainer.callback_metrics["val/top1"].item() <= 1.0

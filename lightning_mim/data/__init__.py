@@ -2,10 +2,19 @@
 
 from lightning_mim.data.datamodule import ImageNetDataModule, SampleDataModule, load_sample
 from lightning_mim.data.folder import ImageFolderDataset, TensorImageDataset, decode_rgb
-from lightning_mim.data.views import CMAEViews, ConMIMViews, EvalView, MAEViews, TwoCropViews, normalize
+from lightning_mim.data.views import (
+    ClassificationViews,
+    CMAEViews,
+    ConMIMViews,
+    EvalView,
+    MAEViews,
+    TwoCropViews,
+    normalize,
+)
 
 __all__ = [
     "CMAEViews",
+    "ClassificationViews",
     "ConMIMViews",
     "EvalView",
     "ImageFolderDataset",

@@ -17,6 +17,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "CMAEViews",
+    "ClassificationViews",
     "ConMIMViews",
     "EvalView",
     "MAEViews",
@@ -234,3 +235,31 @@ class TwoCropViews:
 
     def __call__(self, image: Tensor) -> dict[str, Tensor]:
         return {"images": self.first(image), "images_2": self.second(image)}
+
+
+class ClassificationViews:
+    """Fine-tuning augmentation: random resized crop (bicubic), horizontal flip and RandAugment.
+
+    Random erasing and mixup/cutmix act on the normalised batch on the device (see
+    :class:`~lightning_mim.FineTuneModule`). torchvision's RandAugment draws a fixed magnitude;
+    the official recipes' "m9-mstd0.5" (timm) jitters it per image, which this does not.
+
+    Args:
+        size: Output side in pixels.
+        scale: Crop area range.
+        randaugment: (number of ops, magnitude) or None to disable.
+    """
+
+    def __init__(
+        self, size: int = 224, scale: tuple[float, float] = (0.08, 1.0), randaugment: tuple[int, int] | None = (2, 9)
+    ) -> None:
+        steps: list[v2.Transform] = [
+            v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True),
+            v2.RandomHorizontalFlip(0.5),
+        ]
+        if randaugment is not None:
+            steps.append(v2.RandAugment(num_ops=randaugment[0], magnitude=randaugment[1]))
+        self.transform = v2.Compose(steps)
+
+    def __call__(self, image: Tensor) -> dict[str, Tensor]:
+        return {"images": self.transform(image)}

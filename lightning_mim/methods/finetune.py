@@ -1,0 +1,360 @@
+"""Evaluation protocols for pre-trained encoders: end-to-end fine-tuning and linear probing.
+
+Both start from an export folder (``lightning-mim export``), a method checkpoint, or — as the
+baseline every pre-training result should be read against — a randomly initialised encoder of the
+same architecture (``weights: null``).
+
+* :class:`FineTuneModule`: a timm classifier trained end to end with layer-wise lr decay, drop path,
+  RandAugment (in the views), random erasing and mixup/cutmix on the device (timm), label smoothing,
+  AdamW + warmup + cosine (the BEiT/MAE fine-tuning protocol).
+* :class:`LinearProbeModule`: the encoder frozen in eval mode, a linear classifier on the CLS token
+  or the mean of the patch tokens behind a non-affine BatchNorm, LARS (the MAE protocol, He et al.,
+  arXiv:2111.06377).
+
+Batch keys (uint8 images): ``images`` (B, 3, H, W), ``labels`` (B,). Logged: ``train/loss``,
+``val/loss``, ``val/top1``, ``val/top5`` (accuracies as fractions, torchmetrics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import timm
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
+from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
+from timm.loss import SoftTargetCrossEntropy
+from timm.models.beit import Beit
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, ClassificationViews, EvalView, normalize
+from lightning_mim.export import _load_checkpoint, encoder_state
+from lightning_mim.optim import OptimConfig, configure_adamw, param_groups, peak_lr, with_schedule
+
+__all__ = ["FINETUNE_OPTIM", "LINEAR_OPTIM", "FineTuneModule", "LinearProbeModule", "load_encoder"]
+
+#: The ConMIM/BEiT ViT-B fine-tuning recipe: AdamW (0.9, 0.999), lr 4e-3 per 1024 images, wd 0.05,
+#: layer decay 0.65, 20 warmup epochs, cosine to 1e-6.
+FINETUNE_OPTIM = OptimConfig(
+    lr=4e-3,
+    base_batch_size=1024,
+    min_lr=1e-6,
+    weight_decay=0.05,
+    betas=(0.9, 0.999),
+    warmup_epochs=20,
+    layer_decay=0.65,
+)
+#: MAE's linear probe: LARS, lr 0.1 per 256 images, no weight decay, 10 warmup epochs, cosine to 0.
+LINEAR_OPTIM = OptimConfig(lr=0.1, base_batch_size=256, min_lr=0.0, weight_decay=0.0, warmup_epochs=10)
+
+_ALLOWED_MISSING = ("head.", "fc.", "fc_norm.")  # new classifier and pooled-feature norm
+_ALLOWED_UNEXPECTED = ("norm.",)  # the per-token final norm, replaced by fc_norm under mean pooling
+
+
+def _read_weights(weights: str, which: str | None) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
+    """(arch, model args, state dict) from an export folder, a .safetensors file beside its config, or a checkpoint."""
+    path = Path(weights).expanduser()
+    if path.is_dir():
+        config_file, weights_file = path / "config.json", path / "model.safetensors"
+        if not config_file.is_file() or not weights_file.is_file():
+            raise FileNotFoundError(f"{path} is not an export folder (needs config.json and model.safetensors)")
+        from safetensors.torch import load_file
+
+        config = json.loads(config_file.read_text())
+        return config["architecture"], dict(config["model_args"]), load_file(str(weights_file))
+    if not path.exists():
+        raise FileNotFoundError(f"pre-trained weights not found: {path} (an export folder or a method checkpoint)")
+    _, arch, args, state = encoder_state(_load_checkpoint(path), which)
+    return arch, args, state
+
+
+def load_encoder(
+    weights: str | None,
+    arch: str | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    which: str | None = None,
+    global_pool: str | None = None,
+    random_init: bool = False,
+    **overrides: Any,
+) -> nn.Module:
+    """A timm model with pre-trained encoder weights (or random ones when ``weights`` is None).
+
+    Args:
+        weights: Export folder, method checkpoint, or None for a random initialisation of ``arch``.
+        arch: timm name; read from the weights when None.
+        model_kwargs: timm arguments; those of the weights are the base.
+        which: Encoder of a checkpoint (``student`` / ``teacher``; None: the method's recommendation).
+        global_pool: timm pooling of ViT/BEiT models (``"avg"`` or ``"token"``); ignored for CNNs.
+        random_init: Build the architecture of ``weights`` but keep timm's random initialisation (the
+            baseline of an evaluation protocol).
+        **overrides: Further timm arguments (``num_classes``, ``drop_path_rate``, ``global_pool``).
+
+    Missing keys may only be the new classifier (and ``fc_norm`` under mean pooling); the encoder's
+    own final ``norm`` may go unused under mean pooling. Anything else is an error that names the keys.
+    """
+    saved_arch, saved_args, state = (None, {}, None) if weights is None else _read_weights(weights, which)
+    arch = arch or saved_arch
+    if arch is None:
+        raise ValueError("give `arch` (a timm name) when there are no pre-trained weights")
+    if global_pool is not None and is_token_model(arch):
+        overrides["global_pool"] = global_pool
+    kwargs = {**saved_args, **(model_kwargs or {}), **overrides}
+    model = timm.create_model(arch, **kwargs)
+    if state is not None and not random_init:
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches
+            raise ValueError(f"{weights} does not fit {arch} {kwargs}: {str(err).splitlines()[1:3]}") from err
+        bad_missing = [k for k in missing if not k.startswith(_ALLOWED_MISSING)]
+        bad_unexpected = [k for k in unexpected if not k.startswith(_ALLOWED_UNEXPECTED)]
+        if bad_missing or bad_unexpected:
+            raise ValueError(
+                f"{weights} does not fit {arch}: missing {bad_missing[:5]}, unexpected {bad_unexpected[:5]}"
+            )
+    return model
+
+
+class FineTuneModule(pl.LightningModule):
+    """End-to-end fine-tuning of a pre-trained encoder (see the module docstring).
+
+    Args:
+        weights: Export folder or method checkpoint; None trains ``arch`` from a random init.
+        arch: timm name (read from ``weights`` when None).
+        model_kwargs: Extra timm arguments (over those of the weights).
+        which: Encoder of a checkpoint (None: the method's recommended one).
+        random_init: Use the architecture of ``weights`` with a random initialisation (the baseline).
+        num_classes: Classes.
+        global_pool: ``"avg"`` (mean of patch tokens + fc_norm; ConMIM/CMAE/BEiT) or ``"token"`` (CLS).
+        drop_path_rate: Stochastic depth (recipes: 0.1).
+        mixup: Mixup alpha (0 disables).
+        cutmix: CutMix alpha (0 disables).
+        label_smoothing: Label smoothing (recipes: 0.1).
+        random_erasing: Random-erasing probability, per-pixel noise on the normalised image (0.25).
+        image_size: Training crop side.
+        eval_image_size: Evaluation crop side (default: ``image_size``; "ResNet strikes back" trains
+            at 160 and tests at 224).
+        randaugment: (ops, magnitude) of the training views (recipes: 2, 9), or None.
+        optimizer: ``"adamw"`` (ViT recipes) or ``"lamb"`` (timm's LAMB, the ResNet-50 recipe).
+        optim: Learning rate, weight decay, layer decay and warmup-cosine; default ``FINETUNE_OPTIM``.
+        mean: Normalisation mean (of images in [0, 1]).
+        std: Normalisation std.
+    """
+
+    def __init__(
+        self,
+        weights: str | None = None,
+        arch: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        which: str | None = None,
+        random_init: bool = False,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        drop_path_rate: float = 0.1,
+        mixup: float = 0.8,
+        cutmix: float = 1.0,
+        label_smoothing: float = 0.1,
+        random_erasing: float = 0.25,
+        image_size: int = 224,
+        eval_image_size: int | None = None,
+        randaugment: tuple[int, int] | None = (2, 9),
+        optimizer: Literal["adamw", "lamb"] = "adamw",
+        optim: OptimConfig = FINETUNE_OPTIM,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optim"])
+        self.hparams["optim"] = dataclasses.asdict(optim)
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if not 0 <= label_smoothing < 1 or not 0 <= random_erasing <= 1:
+            raise ValueError("label_smoothing must be in [0, 1) and random_erasing in [0, 1]")
+        self.model = load_encoder(
+            weights,
+            arch,
+            model_kwargs,
+            which,
+            global_pool,
+            random_init,
+            num_classes=num_classes,
+            drop_path_rate=drop_path_rate,
+        )
+        self.mixup = (
+            Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
+            if mixup > 0 or cutmix > 0
+            else None
+        )
+        self.erasing_p = random_erasing
+        self.label_smoothing = label_smoothing
+        if optimizer not in ("adamw", "lamb"):
+            raise ValueError(f"optimizer must be 'adamw' or 'lamb', got {optimizer!r}")
+        self.image_size = image_size
+        self.eval_image_size = eval_image_size or image_size
+        self.randaugment = randaugment
+        self.optimizer = optimizer
+        self.optim = optim
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.accuracy = _accuracy_metrics(num_classes)
+
+    def train_views(self) -> ClassificationViews:
+        return ClassificationViews(self.image_size, randaugment=self.randaugment)
+
+    def eval_views(self) -> EvalView:
+        size = self.eval_image_size
+        return EvalView(size=size, crop_fraction=0.875 if size >= 64 else 1.0)
+
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        if self.optimizer == "adamw":
+            return configure_adamw(self, self.model, self.optim)
+        from timm.optim import Lamb
+
+        peak = peak_lr(self, self.optim)
+        groups = param_groups(self.model, self.optim.weight_decay, self.optim.layer_decay)
+        for group in groups:
+            group["lr"] = peak * group.pop("lr_scale", 1.0)
+        optimizer = Lamb(groups, lr=peak, betas=self.optim.betas, eps=self.optim.eps)
+        return with_schedule(self, optimizer, self.optim)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        images, labels = normalize(batch["images"], self.mean, self.std), batch["labels"]
+        if self.erasing_p > 0:
+            images = RandomErasing(self.erasing_p, mode="pixel", device=str(images.device))(images)
+        if self.mixup is not None and images.shape[0] % 2 == 0:  # timm's batch mixup pairs images
+            images, targets = self.mixup(images, labels)
+            loss = SoftTargetCrossEntropy()(self.model(images).float(), targets)
+        else:
+            loss = F.cross_entropy(self.model(images).float(), labels, label_smoothing=self.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        _evaluate(self, self.model(normalize(batch["images"], self.mean, self.std)), batch["labels"])
+
+
+class LinearProbeModule(pl.LightningModule):
+    """Linear probing of a frozen encoder (see the module docstring).
+
+    Args:
+        weights: Export folder or method checkpoint; None probes a random ``arch``.
+        arch: timm name (read from ``weights`` when None).
+        model_kwargs: Extra timm arguments.
+        which: Encoder of a checkpoint (None: the method's recommended one).
+        random_init: Use the architecture of ``weights`` with a random initialisation (the baseline).
+        num_classes: Classes.
+        pool: ``"cls"`` (MAE's default) or ``"mean"`` (patch tokens); CNNs always average.
+        image_size: Crop side.
+        optim: LARS + warmup-cosine settings; default ``LINEAR_OPTIM``.
+        mean: Normalisation mean (of images in [0, 1]).
+        std: Normalisation std.
+    """
+
+    def __init__(
+        self,
+        weights: str | None = None,
+        arch: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        which: str | None = None,
+        random_init: bool = False,
+        num_classes: int = 1000,
+        pool: Literal["cls", "mean"] = "cls",
+        image_size: int = 224,
+        optim: OptimConfig = LINEAR_OPTIM,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optim"])
+        self.hparams["optim"] = dataclasses.asdict(optim)
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        # "token" pooling keeps the pre-trained final norm on every token; features are pooled below
+        encoder: Any = load_encoder(weights, arch, model_kwargs, which, "token", random_init, num_classes=0)
+        self.encoder = encoder.requires_grad_(False).eval()
+        self.is_transformer = isinstance(encoder, (VisionTransformer, Beit))
+        width = int(encoder.num_features)
+        linear = nn.Linear(width, num_classes)
+        nn.init.trunc_normal_(linear.weight, std=0.01)  # MAE's linear-probe init
+        nn.init.zeros_(linear.bias)
+        self.head = nn.Sequential(nn.BatchNorm1d(width, affine=False, eps=1e-6), linear)
+        self.pool = pool
+        self.image_size = image_size
+        self.optim = optim
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.accuracy = _accuracy_metrics(num_classes)
+
+    def train(self, mode: bool = True) -> LinearProbeModule:
+        """Sets train/eval mode; the encoder stays in eval mode (frozen statistics, no dropout)."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    def train_views(self) -> ClassificationViews:
+        """Random resized crop and flip, no RandAugment (the MAE linear-probe augmentation)."""
+        return ClassificationViews(self.image_size, randaugment=None)
+
+    def eval_views(self) -> EvalView:
+        return EvalView(size=self.image_size, crop_fraction=0.875 if self.image_size >= 64 else 1.0)
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        """Frozen features (B, D) of uint8 images."""
+        x = self.encoder.forward_features(normalize(images, self.mean, self.std))
+        if not self.is_transformer:
+            return x.mean(dim=(2, 3))  # (B, C, h, w) -> (B, C)
+        prefix = int(getattr(self.encoder, "num_prefix_tokens", 1))
+        return x[:, 0] if self.pool == "cls" else x[:, prefix:].mean(dim=1)
+
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        from timm.optim import Lars
+
+        peak = peak_lr(self, self.optim)
+        groups = param_groups(self.head, self.optim.weight_decay)
+        for group in groups:  # LARS trust ratio on the weight matrix only, as MAE's LARS
+            group["always_adapt"] = any(p.ndim > 1 for p in group["params"])
+        optimizer = Lars(groups, lr=peak, momentum=0.9)
+        return with_schedule(self, optimizer, self.optim)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        loss = F.cross_entropy(self.head(self.features(batch["images"]).float()), batch["labels"])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        _evaluate(self, self.head(self.features(batch["images"]).float()), batch["labels"])
+
+
+def _accuracy_metrics(num_classes: int) -> nn.ModuleDict:
+    return nn.ModuleDict(
+        {
+            "top1": MulticlassAccuracy(num_classes, top_k=1),
+            "top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes)),
+        }
+    )
+
+
+def is_token_model(arch: str) -> bool:
+    """Whether ``arch`` is a timm ViT/BEiT (token outputs) rather than a CNN."""
+    base = timm.models.split_model_name_tag(arch)[0]
+    if not timm.is_model(base):
+        raise ValueError(f"unknown timm architecture {arch!r}")
+    return timm.models.model_entrypoint(base).__module__ in ("timm.models.vision_transformer", "timm.models.beit")
+
+
+def _evaluate(module: FineTuneModule | LinearProbeModule, logits: Tensor, labels: Tensor) -> None:
+    """Logs val/loss and top-1 / top-5 (torchmetrics, reduced over ranks) of a classifier module."""
+    top1, top5 = module.accuracy["top1"], module.accuracy["top5"]
+    assert isinstance(top1, MulticlassAccuracy) and isinstance(top5, MulticlassAccuracy)
+    module.log("val/loss", F.cross_entropy(logits.float(), labels), sync_dist=True)
+    top1(logits, labels)
+    top5(logits, labels)
+    module.log("val/top1", top1, prog_bar=True)
+    module.log("val/top5", top5)
