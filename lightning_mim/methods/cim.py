@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 
 from lightning_mim._rng import CountedStream, make_generator
+from lightning_mim.callbacks.diagnostics import heatmap, mask_overlay, to_unit_range, unnormalize
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView, MAEViews, normalize
 from lightning_mim.export import EncoderSpec
 from lightning_mim.losses import window_normalize
@@ -289,6 +290,7 @@ class CIMModule(pl.LightningModule):
             "loss_enh": loss_enh,
             "gen_accuracy": accuracy,
             "replaced_frac": replaced.float().mean(),
+            "replaced": replaced,
             "corrupted_images": corrupted_images,
             "output": out,
         }
@@ -313,6 +315,28 @@ class CIMModule(pl.LightningModule):
         terms = self.losses(images, mask, sampler)
         for key in ("loss_gen", "loss_enh", "gen_accuracy"):
             self.log(f"val/{key}", terms[key], sync_dist=True)
+
+    def diagnostics(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        """Panels for :class:`~lightning_mim.callbacks.VisualDiagnostics`: input, mask, the corrupted
+        image, and the enhancer's output — ResPix: its prediction next to the window-normalised
+        target (each min-max scaled); RevDet: the predicted replacement probability per token next
+        to the true replacements (blue = original, red = replaced)."""
+        mask = self.masking(images.shape[0], device=self.device, generator=generator)
+        terms = self.losses(images, mask, generator)
+        pixels = images.float() / 255.0
+        grid, size = self.enhancer.grid_size, (pixels.shape[-2], pixels.shape[-1])
+        panels = {
+            "input": pixels,
+            "mask": mask_overlay(pixels, mask, grid),
+            "corrupted": unnormalize(terms["corrupted_images"], self.mean, self.std),
+        }
+        if self.objective == "respix":
+            panels["respix"] = to_unit_range(terms["output"])
+            panels["target"] = to_unit_range(window_normalize(normalize(images, self.mean, self.std), self.window))
+        else:
+            panels["revdet"] = heatmap(torch.sigmoid(terms["output"].float()), grid, size)
+            panels["replaced"] = heatmap(terms["replaced"].float(), grid, size)
+        return panels
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:

@@ -31,10 +31,11 @@ from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 
 from lightning_mim._rng import CountedStream, make_generator
+from lightning_mim.callbacks.diagnostics import mask_overlay, unnormalize
 from lightning_mim.callbacks.ema import EMATeacher
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, CMAEViews, EvalView, MAEViews, normalize
 from lightning_mim.export import EncoderSpec
-from lightning_mim.losses import info_nce, masked_patch_mse, patchify
+from lightning_mim.losses import info_nce, masked_patch_mse, patchify, unpatchify
 from lightning_mim.masking import GridMasking, MaskGenerator
 from lightning_mim.methods._checkpoint import read_meta, write_meta
 from lightning_mim.nn import BNProjector, MAEDecoder, MaskedViT, freeze_sincos_pos_embed
@@ -250,6 +251,26 @@ class CMAEModule(pl.LightningModule):
             self.pixel_decoder(tokens, mask), patchify(images, self.patch_size), mask, self.norm_pix
         )
         self.log("val/loss_rec", loss_rec, sync_dist=True)
+
+    def diagnostics(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        """Panels for :class:`~lightning_mim.callbacks.VisualDiagnostics`: input, mask, and the pixel
+        reconstruction (visible patches as given, masked ones predicted; with ``norm_pix`` the
+        prediction is mapped back with each target patch's own mean and variance, as MAE shows it)."""
+        x = normalize(images, self.mean, self.std)
+        mask = self.masking(x.shape[0], device=self.device, generator=generator)
+        pred = self.pixel_decoder(self.encoder(x, mask, num_visible=self.num_visible), mask).float()  # (B, N, P*P*3)
+        target = patchify(x, self.patch_size)  # (B, N, P*P*3)
+        if self.norm_pix:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            pred = pred * (var + 1e-6).sqrt() + mean
+        patches = torch.where(mask.unsqueeze(-1), pred, target)
+        reconstruction = unpatchify(patches, self.patch_size, self.encoder.grid_size)
+        pixels = images.float() / 255.0
+        return {
+            "input": pixels,
+            "mask": mask_overlay(pixels, mask, self.encoder.grid_size),
+            "reconstruction": unnormalize(reconstruction, self.mean, self.std),
+        }
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:

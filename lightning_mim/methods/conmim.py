@@ -30,6 +30,7 @@ from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 
 from lightning_mim._rng import CountedStream, make_generator
+from lightning_mim.callbacks.diagnostics import similarity_panels
 from lightning_mim.callbacks.ema import EMATeacher
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, ConMIMViews, EvalView, normalize
 from lightning_mim.export import EncoderSpec
@@ -198,6 +199,15 @@ class ConMIMModule(pl.LightningModule):
         generator = make_generator(_MASK_STREAM, rank=self.global_rank, base=batch_idx)
         mask = self.masking(images.shape[0], device=self.device, generator=generator)
         self.log("val/loss", self._loss(images, images, mask), sync_dist=True)
+
+    def diagnostics(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        """Panels for :class:`~lightning_mim.callbacks.VisualDiagnostics`: input, mask, and the cosine
+        similarity of each patch's student feature (masked input) to its teacher feature (full input)."""
+        x = normalize(images, self.mean, self.std)
+        mask = self.masking(x.shape[0], device=self.device, generator=generator)
+        student = self.student(x, mask)  # (B, N, d) projected patch features
+        teacher = self.teacher(x)
+        return similarity_panels(images, mask, student, teacher, self.student.encoder.grid_size)
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:

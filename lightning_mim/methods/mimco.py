@@ -29,6 +29,7 @@ from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 
 from lightning_mim._rng import CountedStream, make_generator
+from lightning_mim.callbacks.diagnostics import similarity_panels
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView, MAEViews, normalize
 from lightning_mim.export import EncoderSpec
 from lightning_mim.losses import info_nce, patch_contrastive_loss
@@ -270,6 +271,15 @@ class MimCoModule(pl.LightningModule):
         images = normalize(batch["images"], self.mean, self.std)
         mask = self.masking(images.shape[0], device=self.device, generator=make_generator(_MASK_STREAM, base=batch_idx))
         self.log("val/loss", self._losses(images, mask)[0], sync_dist=True)
+
+    def diagnostics(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
+        """Panels for :class:`~lightning_mim.callbacks.VisualDiagnostics`: input, mask, and the cosine
+        similarity of each patch's predicted feature (masked student) to the frozen teacher's."""
+        x = normalize(images, self.mean, self.std)
+        mask = self.masking(x.shape[0], device=self.device, generator=generator)
+        teacher, _ = self._teacher_targets(x)  # (B, N, Dt)
+        student = self.patch_head(self.student.patch_tokens(self.student(x, mask)))  # (B, N, Dt)
+        return similarity_panels(images, mask, student, teacher, self.student.grid_size)
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:
