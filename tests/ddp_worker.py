@@ -132,9 +132,10 @@ def method_case(out: str, devices: int, method: str) -> None:
         callbacks=callbacks,
     )
     trainer.fit(module, dm)
-    checksum = float(
-        sum(p.double().sum() for p in [*teacher.parameters(), *teacher.buffers()] if p.is_floating_point())
-    )
+    tensors = list(teacher.parameters())
+    if method == "vq_tokenizer":  # the EMA codebook is a buffer (teachers' BatchNorm statistics are per rank)
+        tensors += [b for b in teacher.buffers() if b.is_floating_point()]
+    checksum = float(sum(t.double().sum() for t in tensors))
     result = {"teacher_checksum": checksum, "knn": knn.history}
     if method == "mimco" and devices > 1:
         result["image_loss_gap"] = mimco_image_loss_gap(module)
