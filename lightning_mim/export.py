@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_mim.methods._checkpoint import load_checkpoint
+
 __all__ = ["EncoderSpec", "create_model", "encoder_meta", "encoder_state", "to_timm"]
 
 #: timm arguments that change training (regularisation), not the architecture or its weights: not
@@ -71,18 +73,6 @@ def encoder_meta(module: nn.Module) -> dict[str, Any]:
             raise ValueError(f"the {which} encoder is not a submodule of {type(module).__name__}")
         entry[which] = {"prefix": f"{name}." if name else "", "arch": spec.arch, "model_args": model_args(spec.kwargs)}
     return {"encoders": entry, "default_export": getattr(module, "default_export", "student")}
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict)")
-    return checkpoint
 
 
 def encoder_state(
@@ -158,7 +148,7 @@ def to_timm(source: str | Path | nn.Module, out_dir: str | Path, which: str | No
             out_dir, spec.arch, model_args(spec.kwargs), spec.module.state_dict(), {"method": method, "which": which}
         )
     path = Path(source).expanduser()
-    checkpoint = _load_checkpoint(path)
+    checkpoint = load_checkpoint(path)
     which, arch, args, state = encoder_state(checkpoint, which)
     info = {"method": checkpoint["lightning_mim"]["method"], "which": which, "source": path.name}
     return _write(out_dir, arch, args, state, info)

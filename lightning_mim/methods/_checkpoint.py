@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import torch
 
 _KEY = "lightning_mim"
 _NAMES = {
@@ -36,3 +39,28 @@ def read_meta(checkpoint: dict[str, Any], method: str) -> dict[str, Any]:
         found = meta.get("method") if meta else "no lightning-mim metadata"
         raise ValueError(f"not a {_NAMES.get(method, method)} checkpoint (found: {found})")
     return meta
+
+
+def load_checkpoint(path: str | Path, what: str = "checkpoint", hint: str = "") -> dict[str, Any]:
+    """A Lightning checkpoint loaded with ``weights_only=True`` (pickled code is never run).
+
+    Args:
+        path: Checkpoint file.
+        what: What the file is for, in error messages (e.g. "teacher checkpoint").
+        hint: Appended to the not-found error (how to get the file).
+
+    Raises:
+        FileNotFoundError: No such file.
+        ValueError: Unreadable (corrupt, or holding objects other than tensors and plain types), or
+            not a Lightning checkpoint.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}" + (f"; {hint}" if hint else ""))
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    return checkpoint

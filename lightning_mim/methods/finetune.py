@@ -37,7 +37,8 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, ClassificationViews, EvalView, normalize
-from lightning_mim.export import _load_checkpoint, encoder_state
+from lightning_mim.export import encoder_state
+from lightning_mim.methods._checkpoint import load_checkpoint
 from lightning_mim.optim import OptimConfig, configure_adamw, param_groups, peak_lr, with_schedule
 
 __all__ = ["FINETUNE_OPTIM", "LINEAR_OPTIM", "FineTuneModule", "LinearProbeModule", "load_encoder"]
@@ -73,7 +74,7 @@ def _read_weights(weights: str, which: str | None) -> tuple[str, dict[str, Any],
         return config["architecture"], dict(config["model_args"]), load_file(str(weights_file))
     if not path.exists():
         raise FileNotFoundError(f"pre-trained weights not found: {path} (an export folder or a method checkpoint)")
-    _, arch, args, state = encoder_state(_load_checkpoint(path), which)
+    _, arch, args, state = encoder_state(load_checkpoint(path, "pre-trained weights"), which)
     return arch, args, state
 
 

@@ -34,7 +34,7 @@ from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView, MAEV
 from lightning_mim.export import EncoderSpec
 from lightning_mim.losses import info_nce, patch_contrastive_loss
 from lightning_mim.masking import BlockMasking, MaskGenerator
-from lightning_mim.methods._checkpoint import read_meta, write_meta
+from lightning_mim.methods._checkpoint import load_checkpoint, read_meta, write_meta
 from lightning_mim.methods.moco import MOCOV3_OPTIM, MoCoV3Module
 from lightning_mim.nn import BNProjector, MaskedViT
 from lightning_mim.optim import OptimConfig, configure_adamw
@@ -53,15 +53,7 @@ _STAGE1_HINT = (
 
 def load_mocov3_teacher(path: str | Path) -> MoCoV3Module:
     """A MoCoV3Module rebuilt from a stage-1 checkpoint (``weights_only=True``), frozen, eval mode."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"teacher checkpoint not found: {path}; {_STAGE1_HINT}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path} is not a readable checkpoint ({err})") from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    checkpoint = load_checkpoint(path, "teacher checkpoint", _STAGE1_HINT)
     read_meta(checkpoint, "mocov3")  # a clear error for another method's checkpoint
     hparams = dict(checkpoint.get("hyper_parameters", {}))
     optim = hparams.pop("optim", None)

@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor
 
 from lightning_mim.data.views import EvalView, MAEViews
-from lightning_mim.methods._checkpoint import read_meta, write_meta
+from lightning_mim.methods._checkpoint import load_checkpoint, read_meta, write_meta
 from lightning_mim.nn.tokenizer import VQTokenizer
 from lightning_mim.optim import OptimConfig, configure_adamw
 
@@ -141,18 +141,8 @@ class VQTokenizerModule(pl.LightningModule):
 
 def load_vq_tokenizer(path: str | Path) -> VQTokenizer:
     """The tokenizer of a :class:`VQTokenizerModule` checkpoint (``weights_only=True``), frozen, eval mode."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"tokenizer checkpoint not found: {path}; train one first (stage 0), e.g. "
-            "`lightning-mim fit --config configs/quickstart/vq_tokenizer.yaml`"
-        )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path} is not a readable checkpoint ({err})") from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    hint = "train one first (stage 0), e.g. `lightning-mim fit --config configs/quickstart/vq_tokenizer.yaml`"
+    checkpoint = load_checkpoint(path, "tokenizer checkpoint", hint)
     meta = read_meta(checkpoint, "vq_tokenizer")  # a clear error for another method's checkpoint
     tokenizer = VQTokenizer(**meta["tokenizer"])
     prefix = "tokenizer."
