@@ -39,6 +39,7 @@ from lightning_mim.masking import BlockMasking, MaskGenerator
 from lightning_mim.methods._checkpoint import read_meta, write_meta
 from lightning_mim.methods.tokenizer import load_vq_tokenizer
 from lightning_mim.nn import MaskedViT
+from lightning_mim.nn.compile import compile_in_place
 from lightning_mim.nn.enhancer import Enhancer, Objective, timm_family
 from lightning_mim.nn.tokenizer import ImageTokenizer, VQTokenizer
 from lightning_mim.optim import OptimConfig, configure_adamw
@@ -128,6 +129,8 @@ class CIMModule(pl.LightningModule):
         clip_grad_norm: If set, clip the gradient norm of the generator and of the enhancer
             separately to this value (the spec clips per network).
         optim: AdamW + warmup-cosine settings; default ``CIM_OPTIM``.
+        compile: ``torch.compile`` the generator and enhancer backbones in place when training starts
+            (checkpoints unchanged).
         mean: Normalisation mean (of images in [0, 1]).
         std: Normalisation std.
     """
@@ -149,6 +152,7 @@ class CIMModule(pl.LightningModule):
         window: int = 8,
         clip_grad_norm: float | None = None,
         optim: OptimConfig = CIM_OPTIM,
+        compile: bool = False,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
@@ -198,6 +202,7 @@ class CIMModule(pl.LightningModule):
         self.window = window
         self.clip_grad_norm = clip_grad_norm
         self.optim = optim
+        self.use_compile = compile
         self.mean, self.std = tuple(mean), tuple(std)
         self._mask_stream = CountedStream(_MASK_STREAM)
         self._sample_stream = CountedStream(_SAMPLE_STREAM)
@@ -238,6 +243,10 @@ class CIMModule(pl.LightningModule):
     def export_encoders(self) -> dict[str, EncoderSpec]:
         """What :func:`lightning_mim.export.to_timm` can write: the enhancer's backbone only."""
         return {"student": EncoderSpec(self.enhancer.arch, self.enhancer.timm_kwargs, self.enhancer.backbone)}
+
+    def configure_model(self) -> None:
+        if self.use_compile:
+            compile_in_place(self.generator.encoder, self.enhancer.backbone)
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         return configure_adamw(

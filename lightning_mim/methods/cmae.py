@@ -39,6 +39,7 @@ from lightning_mim.losses import info_nce, masked_patch_mse, patchify, unpatchif
 from lightning_mim.masking import GridMasking, MaskGenerator
 from lightning_mim.methods._checkpoint import read_meta, write_meta
 from lightning_mim.nn import BNProjector, MAEDecoder, MaskedViT, freeze_sincos_pos_embed
+from lightning_mim.nn.compile import compile_in_place
 from lightning_mim.nn.heads import sync_batchnorm_on_gpus
 from lightning_mim.optim import OptimConfig, configure_adamw
 
@@ -94,6 +95,8 @@ class CMAEModule(pl.LightningModule):
         sync_batchnorm: Synchronise projector/predictor BatchNorm statistics across GPUs (torch's
             SyncBatchNorm needs CUDA; multi-process CPU runs warn and keep per-rank statistics).
         optim: AdamW + warmup-cosine settings; default ``CMAE_OPTIM``.
+        compile: ``torch.compile`` the encoders and decoders in place when training starts
+            (checkpoints unchanged).
         mean: Normalisation mean (of images in [0, 1]).
         std: Normalisation std.
     """
@@ -116,6 +119,7 @@ class CMAEModule(pl.LightningModule):
         momentum: float = 0.996,
         sync_batchnorm: bool = True,
         optim: OptimConfig = CMAE_OPTIM,
+        compile: bool = False,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
@@ -171,6 +175,7 @@ class CMAEModule(pl.LightningModule):
         self.momentum = momentum
         self.sync_batchnorm = sync_batchnorm
         self.optim = optim
+        self.use_compile = compile
         self.mean, self.std = tuple(mean), tuple(std)
         self._mask_stream = CountedStream(_MASK_STREAM)
 
@@ -208,6 +213,16 @@ class CMAEModule(pl.LightningModule):
             # The official code synchronises these BatchNorms across GPUs.
             self.online_heads = sync_batchnorm_on_gpus(self.trainer, self.online_heads)
             self.target_projector = sync_batchnorm_on_gpus(self.trainer, self.target_projector)
+
+    def _compiled_parts(self) -> list[nn.Module]:
+        parts: list[nn.Module] = [self.encoder, self.pixel_decoder]
+        if self.contrastive:
+            parts += [self.target_encoder, self.online_heads.feature_decoder]
+        return parts
+
+    def configure_model(self) -> None:
+        if self.use_compile:
+            compile_in_place(*self._compiled_parts())
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         trainable = nn.ModuleDict({"encoder": self.encoder, "pixel_decoder": self.pixel_decoder})

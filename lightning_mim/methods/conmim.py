@@ -38,6 +38,7 @@ from lightning_mim.losses import patch_contrastive_loss
 from lightning_mim.masking import BlockMasking, MaskGenerator
 from lightning_mim.methods._checkpoint import read_meta, write_meta
 from lightning_mim.nn import BNProjector, MaskedViT
+from lightning_mim.nn.compile import compile_in_place
 from lightning_mim.optim import OptimConfig, configure_adamw
 
 __all__ = ["CONMIM_BACKBONE_DEFAULTS", "CONMIM_OPTIM", "ConMIMModule"]
@@ -97,6 +98,8 @@ class ConMIMModule(pl.LightningModule):
         optim: AdamW + warmup-cosine settings; default ``CONMIM_OPTIM``, the official code's (lr
             5e-4 absolute, betas (0.9, 0.98), wd 0.05, 5 warmup epochs, min lr 1e-5). Fields not
             set in a config keep these values.
+        compile: ``torch.compile`` the student and teacher encoders in place when training starts
+            (checkpoints unchanged).
         eval_encoder: Encoder whose features ``embed`` returns (kNN monitoring).
         mean: Normalisation mean (of images in [0, 1]).
         std: Normalisation std.
@@ -114,6 +117,7 @@ class ConMIMModule(pl.LightningModule):
         momentum: float = 0.996,
         final_momentum: float = 1.0,
         optim: OptimConfig = CONMIM_OPTIM,
+        compile: bool = False,
         eval_encoder: Literal["student", "teacher"] = "student",
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
@@ -140,6 +144,7 @@ class ConMIMModule(pl.LightningModule):
         self.momentum = momentum
         self.final_momentum = final_momentum
         self.optim = optim
+        self.use_compile = compile
         self.hparams["optim"] = dataclasses.asdict(self.optim)  # plain types: checkpoints load with weights_only
         self.eval_encoder = eval_encoder
         self.mean, self.std = tuple(mean), tuple(std)
@@ -157,6 +162,10 @@ class ConMIMModule(pl.LightningModule):
 
     def configure_callbacks(self) -> list[Callback]:
         return [EMATeacher("student", "teacher", momentum=self.momentum, final_momentum=self.final_momentum)]
+
+    def configure_model(self) -> None:
+        if self.use_compile:
+            compile_in_place(self.student.encoder, self.teacher.encoder)
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         return configure_adamw(self, self.student, self.optim)

@@ -37,6 +37,7 @@ from lightning_mim.masking import BlockMasking, MaskGenerator
 from lightning_mim.methods._checkpoint import load_checkpoint, read_meta, write_meta
 from lightning_mim.methods.moco import MOCOV3_OPTIM, MoCoV3Module
 from lightning_mim.nn import BNProjector, MaskedViT
+from lightning_mim.nn.compile import compile_in_place
 from lightning_mim.optim import OptimConfig, configure_adamw
 
 __all__ = ["MIMCO_OPTIM", "MimCoModule", "load_mocov3_teacher"]
@@ -113,6 +114,8 @@ class MimCoModule(pl.LightningModule):
         image_weight: lambda, weight of the image-level loss (DEFAULT 1).
         teacher_bf16: Run the teacher under bf16 autocast (no gradients either way).
         optim: AdamW + warmup-cosine settings; default ``MIMCO_OPTIM``.
+        compile: ``torch.compile`` the student and the teacher in place when training starts
+            (checkpoints unchanged).
         mean: Normalisation mean (of images in [0, 1]).
         std: Normalisation std.
     """
@@ -134,6 +137,7 @@ class MimCoModule(pl.LightningModule):
         image_weight: float = 1.0,
         teacher_bf16: bool = True,
         optim: OptimConfig = MIMCO_OPTIM,
+        compile: bool = False,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
@@ -173,6 +177,7 @@ class MimCoModule(pl.LightningModule):
         self.image_weight = image_weight
         self.teacher_bf16 = teacher_bf16
         self.optim = optim
+        self.use_compile = compile
         self.mean, self.std = tuple(mean), tuple(std)
         self.image_size = int(self.student.vit.patch_embed.img_size[0])
         self._mask_stream = CountedStream(_MASK_STREAM)
@@ -220,6 +225,10 @@ class MimCoModule(pl.LightningModule):
 
     def eval_views(self) -> EvalView:
         return EvalView(size=self.image_size, crop_fraction=0.875 if self.image_size >= 64 else 1.0)
+
+    def configure_model(self) -> None:
+        if self.use_compile:
+            compile_in_place(self.student, self.teacher)
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         trainable = nn.ModuleDict(

@@ -34,6 +34,7 @@ from lightning_mim.export import EncoderSpec
 from lightning_mim.losses import info_nce
 from lightning_mim.methods._checkpoint import read_meta, write_meta
 from lightning_mim.nn import BNProjector, freeze_sincos_pos_embed
+from lightning_mim.nn.compile import compile_in_place
 from lightning_mim.nn.heads import sync_batchnorm_on_gpus
 from lightning_mim.optim import OptimConfig, configure_adamw
 
@@ -73,6 +74,8 @@ class MoCoV3Module(pl.LightningModule):
         fixed_pos_embed: Use the fixed 2-D sin-cos position embedding (MoCo v3's ViT does).
         sync_batchnorm: Synchronise the heads' BatchNorm statistics across GPUs (MoCo v3 does).
         optim: AdamW + warmup-cosine settings; default ``MOCOV3_OPTIM``.
+        compile: ``torch.compile`` the base and momentum encoders in place when training starts
+            (checkpoints unchanged).
         mean: Normalisation mean (of images in [0, 1]).
         std: Normalisation std.
     """
@@ -90,6 +93,7 @@ class MoCoV3Module(pl.LightningModule):
         fixed_pos_embed: bool = True,
         sync_batchnorm: bool = True,
         optim: OptimConfig = MOCOV3_OPTIM,
+        compile: bool = False,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
@@ -117,6 +121,7 @@ class MoCoV3Module(pl.LightningModule):
         self.momentum = momentum
         self.final_momentum = final_momentum
         self.optim = optim
+        self.use_compile = compile
         self.mean, self.std = tuple(mean), tuple(std)
         self.image_size = int(encoder.patch_embed.img_size[0])
 
@@ -150,6 +155,10 @@ class MoCoV3Module(pl.LightningModule):
             self.base = sync_batchnorm_on_gpus(self.trainer, self.base)
             self.predictor = sync_batchnorm_on_gpus(self.trainer, self.predictor)
             self.momentum_branch = sync_batchnorm_on_gpus(self.trainer, self.momentum_branch)
+
+    def configure_model(self) -> None:
+        if self.use_compile:
+            compile_in_place(self.base.encoder, self.momentum_branch.encoder)
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         trainable = nn.ModuleDict({"base": self.base, "predictor": self.predictor})
