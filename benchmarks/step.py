@@ -198,7 +198,7 @@ def measure_floor(
     optimizer.zero_grad(set_to_none=True)
     # The split is taken on the forward pass only: FlopCounterMode attributes backward ops to whichever
     # network is current when autograd runs them, which mislabels gradients flowing between networks.
-    forward = FlopCounterMode(display=False, depth=1)
+    forward = FlopCounterMode(display=False, depth=2)
     with forward, torch.no_grad(), autocast:
         loss_fn()
     return time_floor(step, args, device), counter.get_total_flops(), forward.get_flop_counts()
@@ -251,12 +251,16 @@ def main() -> None:
     print(f"ours/floor = {ours_s / floor_s:.3f}")
     print(f"FLOPs: {flops / args.batch / 1e9:.1f} GFLOP per image (forward + backward)")
     # forward FLOPs by the class of each network the step calls (e.g. MaskedViT = student + teacher encoders)
-    top = {k: v for k, v in per_module.items() if k != "Global" and "." not in k}
-    total = sum(sum(c.values()) for c in top.values()) or 1
-    print("forward FLOPs by network:")
-    for name_, counts in sorted(top.items(), key=lambda kv: -sum(kv[1].values())):
-        share = sum(counts.values())
-        print(f"  {name_:<24} {share / args.batch / 1e9:8.1f} GFLOP/img forward  {100 * share / total:5.1f}%")
+    flops_of = {k: sum(v.values()) for k, v in per_module.items() if k != "Global"}
+    top = {k: v for k, v in flops_of.items() if "." not in k}
+    total = sum(top.values()) or 1
+    print("forward FLOPs by network (and its parts):")
+    for name_, share in sorted(top.items(), key=lambda kv: -kv[1]):
+        print(f"  {name_:<30} {share / args.batch / 1e9:8.1f} GFLOP/img  {100 * share / total:5.1f}%")
+        depth = name_.count(".") + 1  # direct children only
+        parts = {k: v for k, v in flops_of.items() if k.startswith(name_ + ".") and k.count(".") == depth and v > 0}
+        for part, value in sorted(parts.items(), key=lambda kv: -kv[1]):
+            print(f"    {part:<28} {value / args.batch / 1e9:8.1f} GFLOP/img  {100 * value / total:5.1f}%")
     print(f"MFU: {100 * flops / ours_s / (peak * 1e12):.1f}% of {peak:.1f} TFLOP/s ({peak_note})")
     print(f"peak memory: {memory}")
 
