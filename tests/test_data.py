@@ -125,3 +125,17 @@ def test_sample_module_subsets_are_balanced() -> None:
     assert torch.equal(torch.bincount(labels), torch.full((10,), 2))
     bank, _ = dm.knn_datasets()
     assert bank[0]["images"].shape == (3, 32, 32) and "teacher_images" not in bank[0]
+
+
+@pytest.mark.parametrize("kernel, sigma", [(23, 1.7), (3, 0.4), (9, 2.0)])
+def test_separable_blur_matches_torchvision(kernel: int, sigma: float) -> None:
+    from torchvision.transforms.v2 import functional as TF
+
+    from lightning_mim.data.views import GaussianBlur
+
+    image = torch.randint(0, 256, (3, 40, 37), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ours = GaussianBlur(kernel, (sigma, sigma))(image)
+    reference = TF.gaussian_blur(image, [kernel, kernel], [sigma, sigma])
+    assert ours.dtype == torch.uint8 and ours.shape == image.shape
+    assert (ours.int() - reference.int()).abs().max() <= 1  # float rounding before the uint8 cast
+    assert (ours != reference).float().mean() < 0.01

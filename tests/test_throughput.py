@@ -60,3 +60,17 @@ def test_compile_trains_on_cpu() -> None:
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     state = module.state_dict()
     assert "encoder.vit.blocks.0.attn.qkv.weight" in state  # checkpoint keys unchanged by compiling
+
+
+def test_grad_checkpointing_gives_the_same_gradients() -> None:
+    batch = {"images": torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)}
+    batch["target_images"] = batch["images"]
+    grads = []
+    for checkpointing in (False, True):
+        module = tiny(grad_checkpointing=checkpointing)
+        assert module.encoder.vit.grad_checkpointing is checkpointing
+        assert not module.target_encoder.vit.grad_checkpointing  # the no-grad target is not recomputed
+        module.log = lambda *a, **k: None  # type: ignore[method-assign]
+        module.training_step(batch, 0).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in module.encoder.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)

@@ -10,6 +10,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms import InterpolationMode, v2
 
@@ -20,6 +21,7 @@ __all__ = [
     "ClassificationViews",
     "ConMIMViews",
     "EvalView",
+    "GaussianBlur",
     "MAEViews",
     "TwoCropViews",
     "normalize",
@@ -40,6 +42,39 @@ def _blur_kernel(size: int) -> int:
     """Odd Gaussian kernel of about 10% of the image side (23 px at 224), at least 3."""
     kernel = max(3, int(0.1 * size))
     return kernel if kernel % 2 else kernel + 1
+
+
+class GaussianBlur:
+    """Gaussian blur with sigma drawn uniformly from ``sigma`` per image, as torchvision's, but separable.
+
+    torchvision's tensor blur convolves with the dense k x k kernel; the Gaussian kernel is the outer
+    product of two 1-D kernels, so two 1-D passes give the same image (up to float rounding before the
+    uint8 conversion) at 2k instead of k^2 multiply-adds per pixel: 11x fewer at k = 23.
+
+    Args:
+        kernel_size: Odd kernel side.
+        sigma: Range of the standard deviation.
+    """
+
+    def __init__(self, kernel_size: int, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+        if kernel_size % 2 == 0 or kernel_size < 1:
+            raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
+        self.kernel_size = kernel_size
+        self.sigma = sigma
+
+    def __call__(self, image: Tensor) -> Tensor:
+        sigma = float(torch.empty(1).uniform_(self.sigma[0], self.sigma[1]))
+        half = self.kernel_size // 2
+        x = torch.arange(-half, half + 1, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+        kernel = kernel / kernel.sum()  # (k,)
+        channels = image.shape[-3]
+        out = image.float().unsqueeze(0)  # (1, C, H, W)
+        out = F.pad(out, (half, half, half, half), mode="reflect")
+        out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)  # rows
+        out = F.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)  # columns
+        out = out.squeeze(0)
+        return out.round_().to(image.dtype) if not image.is_floating_point() else out
 
 
 class ConMIMViews:
@@ -86,7 +121,7 @@ class ConMIMViews:
             [
                 v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=color_jitter_p),
                 v2.RandomGrayscale(grayscale_p),
-                v2.RandomApply([v2.GaussianBlur(_blur_kernel(size), sigma=blur_sigma)], p=blur_p),
+                v2.RandomApply([GaussianBlur(_blur_kernel(size), sigma=blur_sigma)], p=blur_p),
                 v2.RandomSolarize(threshold=128, p=solarize_p),
             ]
         )
@@ -161,7 +196,7 @@ class CMAEViews:
             [
                 v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=color_jitter_p),
                 v2.RandomGrayscale(grayscale_p),
-                v2.RandomApply([v2.GaussianBlur(_blur_kernel(size), sigma=blur_sigma)], p=blur_p),
+                v2.RandomApply([GaussianBlur(_blur_kernel(size), sigma=blur_sigma)], p=blur_p),
             ]
         )
 
@@ -224,7 +259,7 @@ class TwoCropViews:
                     v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True),
                     v2.RandomApply([v2.ColorJitter(brightness, contrast, saturation, hue)], p=0.8),
                     v2.RandomGrayscale(0.2),
-                    v2.RandomApply([v2.GaussianBlur(_blur_kernel(size), sigma=(0.1, 2.0))], p=blur),
+                    v2.RandomApply([GaussianBlur(_blur_kernel(size), sigma=(0.1, 2.0))], p=blur),
                     v2.RandomSolarize(threshold=128, p=solarize),
                     v2.RandomHorizontalFlip(0.5),
                 ]

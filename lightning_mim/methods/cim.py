@@ -131,6 +131,8 @@ class CIMModule(pl.LightningModule):
         optim: AdamW + warmup-cosine settings; default ``CIM_OPTIM``.
         compile: ``torch.compile`` the generator and enhancer backbones in place when training starts
             (checkpoints unchanged).
+        grad_checkpointing: Recompute the trained encoder's blocks in the backward pass (activation
+            checkpointing): much less activation memory for about a third more compute (ViT-L).
         mean: Normalisation mean (of images in [0, 1]).
         std: Normalisation std.
     """
@@ -153,6 +155,7 @@ class CIMModule(pl.LightningModule):
         clip_grad_norm: float | None = None,
         optim: OptimConfig = CIM_OPTIM,
         compile: bool = False,
+        grad_checkpointing: bool = False,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
@@ -203,6 +206,11 @@ class CIMModule(pl.LightningModule):
         self.clip_grad_norm = clip_grad_norm
         self.optim = optim
         self.use_compile = compile
+        for network in (
+            self.enhancer.backbone,
+            self.generator.encoder,
+        ):
+            network.set_grad_checkpointing(grad_checkpointing)
         self.mean, self.std = tuple(mean), tuple(std)
         self._mask_stream = CountedStream(_MASK_STREAM)
         self._sample_stream = CountedStream(_SAMPLE_STREAM)
