@@ -62,7 +62,7 @@ _ALLOWED_UNEXPECTED = ("norm.",)  # the per-token final norm, replaced by fc_nor
 
 
 def _read_weights(weights: str, which: str | None) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
-    """(arch, model args, state dict) from an export folder, a .safetensors file beside its config, or a checkpoint."""
+    """(arch, model args, state dict) from an export folder (config.json + model.safetensors) or a method checkpoint."""
     path = Path(weights).expanduser()
     if path.is_dir():
         config_file, weights_file = path / "config.json", path / "model.safetensors"
@@ -195,6 +195,8 @@ class FineTuneModule(pl.LightningModule):
             else None
         )
         self.erasing_p = random_erasing
+        self._erasing: RandomErasing | None = None
+        self._soft_ce = SoftTargetCrossEntropy()
         self.label_smoothing = label_smoothing
         if optimizer not in ("adamw", "lamb"):
             raise ValueError(f"optimizer must be 'adamw' or 'lamb', got {optimizer!r}")
@@ -228,10 +230,12 @@ class FineTuneModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         images, labels = normalize(batch["images"], self.mean, self.std), batch["labels"]
         if self.erasing_p > 0:
-            images = RandomErasing(self.erasing_p, mode="pixel", device=str(images.device))(images)
+            if self._erasing is None:  # built once, on the device the batches arrive on
+                self._erasing = RandomErasing(self.erasing_p, mode="pixel", device=str(images.device))
+            images = self._erasing(images)
         if self.mixup is not None and images.shape[0] % 2 == 0:  # timm's batch mixup pairs images
             images, targets = self.mixup(images, labels)
-            loss = SoftTargetCrossEntropy()(self.model(images).float(), targets)
+            loss = self._soft_ce(self.model(images).float(), targets)
         else:
             loss = F.cross_entropy(self.model(images).float(), labels, label_smoothing=self.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)
