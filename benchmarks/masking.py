@@ -2,8 +2,8 @@
 
     python benchmarks/masking.py [--batch 256] [--steps 3] [--threads N]
 
-Times each mask generator for a batch of ``--batch`` masks on a 14x14 grid (the CPU, as in training:
-masks are drawn on the host and copied to the device), and one training step (forward, backward,
+Times each mask generator for a batch of ``--batch`` masks on a 14x14 grid on the CPU (training draws
+them on the module's device, so on a CPU run this is their cost in the step), and one training step (forward, backward,
 AdamW) of a bare timm ViT-S/16 at 224 px on the same batch size, on this machine's CPU. Prints the
 ratio; the target is < 5 %. A bare backbone step is the smallest step any method can have, so the
 ratio is an upper bound for every method.

@@ -115,3 +115,25 @@ def test_block_masking_blocks_are_large() -> None:
 def test_invalid_arguments(factory, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         factory()
+
+
+def test_block_masking_fixed_rounds_equal_early_exit() -> None:
+    """The sync-free path used off the CPU (a fixed number of rounds) gives the CPU path's masks."""
+    masking = BlockMasking(14, 75, 16)
+    early = masking._draw(512, torch.device("cpu"), torch.Generator().manual_seed(3), early_exit=True)
+    fixed = masking._draw(512, torch.device("cpu"), torch.Generator().manual_seed(3), early_exit=False)
+    assert torch.equal(early, fixed)
+    assert torch.equal(early.flatten(1), masking(512, generator=torch.Generator().manual_seed(3)))
+
+
+def test_block_masking_max_rounds_caps_the_blocks() -> None:
+    full = BlockMasking(14, 75, 16)(256, generator=torch.Generator().manual_seed(0))
+    capped = BlockMasking(14, 75, 16, max_rounds=1)(256, generator=torch.Generator().manual_seed(0))
+    # one round = the first accepted block of the full run: a rectangle inside the full mask
+    assert torch.equal(capped & full, capped)
+    assert (capped.sum(1) < full.sum(1)).float().mean() > 0.5
+    grid = capped.view(256, 14, 14)
+    rows, cols = grid.any(2).sum(1), grid.any(1).sum(1)
+    assert torch.equal(rows * cols, capped.sum(1))  # a single rectangle per mask
+    with pytest.raises(ValueError, match="max_rounds"):
+        BlockMasking(14, 75, max_rounds=0)

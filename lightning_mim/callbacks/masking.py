@@ -54,7 +54,7 @@ class MaskingCallback(Callback):
         first = next((v for v in batch.values() if isinstance(v, torch.Tensor)), None)
         if first is None:
             raise ValueError("MaskingCallback: the batch holds no tensor to read the batch size from")
-        generator = self._stream.next(self._rank)
+        generator = self._stream.next(self._rank, first.device)
         batch[self.key] = self.masking(first.shape[0], device=first.device, generator=generator)
 
     @override

@@ -5,6 +5,7 @@ from lightning_mim.data.folder import ImageFolderDataset, TensorImageDataset, de
 from lightning_mim.data.views import (
     ClassificationViews,
     CMAEViews,
+    ColorJitter,
     ConMIMViews,
     EvalView,
     GaussianBlur,
@@ -16,6 +17,7 @@ from lightning_mim.data.views import (
 __all__ = [
     "CMAEViews",
     "ClassificationViews",
+    "ColorJitter",
     "ConMIMViews",
     "EvalView",
     "GaussianBlur",

@@ -314,7 +314,8 @@ class CIMModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         images = batch["images"]
-        mask = self.masking(images.shape[0], device=self.device, generator=self._mask_stream.next(self.global_rank))
+        generator = self._mask_stream.next(self.global_rank, self.device)
+        mask = self.masking(images.shape[0], device=self.device, generator=generator)
         terms = self.losses(images, mask, self._sample_stream.next(self.global_rank, self.device))
         self.log("train/loss", terms["loss"], prog_bar=True)
         for key in ("loss_gen", "loss_enh", "gen_accuracy", "replaced_frac"):

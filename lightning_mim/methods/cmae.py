@@ -239,7 +239,7 @@ class CMAEModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         images = normalize(batch["images"], self.mean, self.std)
         target_images = normalize(batch["target_images"], self.mean, self.std) if self.contrastive else None
-        generator = self._mask_stream.next(self.global_rank)
+        generator = self._mask_stream.next(self.global_rank, self.device)
         mask = self.masking(images.shape[0], device=self.device, generator=generator)  # (B, N)
         loss, loss_rec, loss_con = self._losses(images, target_images, mask)
         self.log("train/loss", loss, prog_bar=True)

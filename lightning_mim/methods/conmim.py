@@ -194,7 +194,7 @@ class ConMIMModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         images = normalize(batch["images"], self.mean, self.std)
         teacher_images = normalize(batch["teacher_images"], self.mean, self.std)
-        generator = self._mask_stream.next(self.global_rank)
+        generator = self._mask_stream.next(self.global_rank, self.device)
         mask = self.masking(images.shape[0], device=self.device, generator=generator)  # (B, N)
         loss = self._loss(images, teacher_images, mask)
         self.log("train/loss", loss, prog_bar=True)
