@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
+import numpy as np
 import torch
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant (golden ratio) to spread nearby seeds apart
 _MOD = 2**63 - 1
+_GLOBAL_STREAM = 0x474C  # offset of the stream that seeds torch's global generators ("GL")
 
 
 def stream_seed(stream: int, rank: int = 0, base: int | None = None) -> int:
@@ -55,6 +58,28 @@ class CountedStream:
         generator.manual_seed((stream_seed(self.stream, rank, self.base) + self.count) % _MOD)
         self.count += 1
         return generator
+
+    def seed_global(self, rank: int, advance: bool = False) -> None:
+        """Seeds the global generators (torch CPU and CUDA, NumPy, ``random``) for the coming draw on ``rank``.
+
+        Call it at the start of a training step, before :meth:`next`. Randomness that comes from the
+        global streams (dropout, timm's drop path, mixup, random erasing) is then a function of (run
+        seed, rank, step) alone, so a run resumed from a checkpoint draws exactly what the
+        uninterrupted run drew, whatever else consumed the global streams in between (data-loader
+        start-up, validation). Host-side only: no device synchronisation.
+
+        Args:
+            rank: This process's global rank.
+            advance: Count this as a draw (for a stream used only to seed the global generators).
+        """
+        if self.base is None:
+            self.base = torch.initial_seed()
+        seed = (stream_seed(self.stream + _GLOBAL_STREAM, rank, self.base) + self.count) % _MOD
+        torch.manual_seed(seed)
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
+        if advance:
+            self.count += 1
 
     def state_dict(self) -> dict[str, Any]:
         return {"base": self.base, "count": self.count}

@@ -17,11 +17,15 @@ import sys
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.plugins import CheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import lightning_mim.callbacks
 import lightning_mim.data
 import lightning_mim.methods  # noqa: F401 - registers the method modules
+from lightning_mim.checkpoint_io import AtomicCheckpointIO
 
 __all__ = ["LightningMIMCLI", "main"]
 
@@ -31,7 +35,9 @@ class LightningMIMCLI(LightningCLI):
 
     Model and data are chosen in the config by ``class_path`` (subclass mode); methods configure
     their own optimiser and schedule, so the CLI's ``--optimizer`` / ``--lr_scheduler`` are off.
-    The resolved config is saved next to the logs of every run.
+    The resolved config is saved next to the logs of every run. Checkpoints are written atomically
+    and loaded with ``weights_only=True`` (:class:`~lightning_mim.checkpoint_io.AtomicCheckpointIO`)
+    unless ``--trainer.plugins`` names another CheckpointIO.
 
     Example::
 
@@ -45,6 +51,14 @@ class LightningMIMCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         super().__init__(pl.LightningModule, pl.LightningDataModule, args=args, run=run, **kwargs)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(AtomicCheckpointIO())
+        config["plugins"] = plugins
+        return super()._instantiate_trainer(config, callbacks)
 
 
 def export_main(argv: list[str]) -> None:
@@ -82,7 +96,10 @@ def main(args: ArgsType = None) -> None:
     if isinstance(argv, list) and argv[:1] == ["export"]:
         export_main([str(a) for a in argv[1:]])
         return
-    LightningMIMCLI(args=args)
+    try:
+        LightningMIMCLI(args=args)
+    except SIGTERMException:  # preempted: the Preemption callback wrote the checkpoint
+        sys.exit(143)  # 128 + SIGTERM, what schedulers expect from a job stopped by a signal
 
 
 if __name__ == "__main__":

@@ -35,6 +35,8 @@ __all__ = ["EncoderSpec", "create_model", "encoder_meta", "encoder_state", "to_t
 #: written to config.json, so users set their own when fine-tuning.
 _TRAINING_ONLY = {"drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate", "pos_drop_rate", "patch_drop_rate"}
 _NOT_ARGS = {"num_classes", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay"}
+#: Methods whose checkpoints hold no timm encoder (CIM's stage-0 tokenizer is a VQ-VAE).
+_NO_ENCODER = {"vq_tokenizer": "VQ tokenizer (CIM stage 0)"}
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,12 @@ def encoder_state(
     meta = checkpoint.get("lightning_mim")
     if not isinstance(meta, dict) or "method" not in meta:
         raise ValueError("not a lightning-mim checkpoint (no lightning_mim entry)")
-    if "encoders" not in meta:
+    if str(meta["method"]) in _NO_ENCODER:
+        raise ValueError(
+            f"a {_NO_ENCODER[str(meta['method'])]} checkpoint holds no encoder to export or fine-tune; pass the "
+            "checkpoint of a pre-training method (ConMIM, MimCo, CMAE/MAE, CIM, MoCo v3)"
+        )
+    if not isinstance(meta.get("encoders"), dict):
         raise ValueError(
             f"this {meta['method']} checkpoint was written by an older lightning-mim without export "
             "information; load it into its module (Module.load_from_checkpoint) and export with "

@@ -71,6 +71,14 @@ def _check_ratio(mask_ratio: float) -> None:
         raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
 
 
+def _check_some_visible(num_masked: int, total: int, what: str, mask_ratio: float) -> None:
+    if num_masked >= total:
+        raise ValueError(
+            f"mask_ratio={mask_ratio} masks all {total} {what} (N - int(N * (1 - mask_ratio))); at least one "
+            "must stay visible: lower mask_ratio or use a finer grid"
+        )
+
+
 def num_masked_for_ratio(num_tokens: int, mask_ratio: float) -> int:
     """Number of masked tokens for a ratio: ``N - int(N * (1 - ratio))`` (the MAE rule)."""
     return num_tokens - int(num_tokens * (1.0 - mask_ratio))
@@ -90,7 +98,7 @@ class RandomMasking(MaskGenerator):
 
     Args:
         input_size: Patch grid size, an int for a square grid or (height, width).
-        mask_ratio: Fraction of patches to mask, in (0, 1).
+        mask_ratio: Fraction of patches to mask, in (0, 1); at least one patch must stay visible.
     """
 
     def __init__(self, input_size: int | tuple[int, int] = 14, mask_ratio: float = 0.75) -> None:
@@ -98,6 +106,7 @@ class RandomMasking(MaskGenerator):
         self.height, self.width = _grid(input_size)
         self.mask_ratio = mask_ratio
         self.num_masking_patches = num_masked_for_ratio(self.num_patches, mask_ratio)
+        _check_some_visible(self.num_masking_patches, self.num_patches, "patches", mask_ratio)
 
     def __call__(
         self,
@@ -123,7 +132,7 @@ class GridMasking(MaskGenerator):
     Args:
         input_size: Patch grid size, an int for a square grid or (height, width).
         cell_size: Side of a masking cell in patches; must divide the grid.
-        mask_ratio: Fraction of cells to mask, in (0, 1).
+        mask_ratio: Fraction of cells to mask, in (0, 1); at least one cell must stay visible.
     """
 
     def __init__(self, input_size: int | tuple[int, int] = 14, cell_size: int = 2, mask_ratio: float = 0.75) -> None:
@@ -135,6 +144,7 @@ class GridMasking(MaskGenerator):
         self.mask_ratio = mask_ratio
         self.num_cells = (self.height // cell_size) * (self.width // cell_size)
         self.num_masked_cells = num_masked_for_ratio(self.num_cells, mask_ratio)
+        _check_some_visible(self.num_masked_cells, self.num_cells, f"{cell_size}x{cell_size} cells", mask_ratio)
         self.num_masking_patches = self.num_masked_cells * cell_size * cell_size
 
     def __call__(

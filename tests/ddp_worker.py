@@ -9,6 +9,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
 
 def info_nce_case(out: str) -> None:
     """Loss and gradients of info_nce on 2 ranks x B against one process on 2B."""
@@ -50,71 +52,12 @@ def method_case(out: str, devices: int, method: str) -> None:
     """A few steps of a method under Lightning DDP; teacher checksums per rank and the kNN accuracy."""
     import lightning.pytorch as pl
 
-    from lightning_mim import CIMModule, CMAEModule, ConMIMModule, MimCoModule, MoCoV3Module, VQTokenizerModule
     from lightning_mim.callbacks import OnlineKNN
     from lightning_mim.data import SampleDataModule
-    from lightning_mim.masking import BlockMasking
-    from lightning_mim.nn import VQTokenizer
-    from lightning_mim.optim import OptimConfig
+    from tests.helpers import tiny_method
 
     pl.seed_everything(0)
-    optim = OptimConfig(lr=1e-3, warmup_steps=0)
-    if method == "conmim":
-        module: pl.LightningModule = ConMIMModule(
-            backbone_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2},
-            proj_hidden_dim=64,
-            proj_dim=32,
-            momentum=0.9,
-            optim=optim,
-        )
-        teacher = module.teacher
-    elif method == "mimco":
-        module = MimCoModule(
-            backbone_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2},
-            allow_random_teacher=True,
-            patch_hidden_dim=32,
-            proj_hidden_dim=64,
-            optim=optim,
-        )
-        teacher = module.teacher
-    elif method == "mocov3":
-        module = MoCoV3Module(
-            backbone_kwargs={"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2},
-            proj_hidden_dim=64,
-            proj_dim=16,
-            momentum=0.9,
-            optim=optim,
-        )
-        teacher = module.momentum_branch
-    elif method == "vq_tokenizer":
-        module = VQTokenizerModule(
-            vocab_size=32, code_dim=8, hidden_dim=16, num_res_blocks=1, downsample=4, image_size=32, optim=optim
-        )
-        teacher = module.tokenizer  # checksum of parameters and the EMA codebook buffers (below)
-    elif method == "cim":
-        module = CIMModule(
-            enhancer="vit_small_patch16_224",
-            enhancer_kwargs={"img_size": 32, "patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 2},
-            tokenizer=VQTokenizer(vocab_size=32, code_dim=8, hidden_dim=16, num_res_blocks=1, downsample=4),
-            generator_kwargs={"depth": 1},
-            masking=BlockMasking(8, num_masking_patches=32, min_num_patches=4),
-            window=4,
-            optim=optim,
-        )
-        teacher = module.enhancer
-    else:
-        module = CMAEModule(
-            backbone="vit_small_patch16_224",
-            backbone_kwargs={"img_size": 32, "patch_size": 4, "embed_dim": 48, "depth": 2, "num_heads": 2},
-            decoder_dim=32,
-            decoder_depth=1,
-            decoder_heads=2,
-            proj_hidden_dim=64,
-            proj_dim=16,
-            momentum=0.9,
-            optim=optim,
-        )
-        teacher = module.target_encoder
+    module, teacher = tiny_method(method)
     dm = SampleDataModule(batch_size=8, num_workers=0, train_size=64, val_size=25)
     knn = OnlineKNN(k=5, batch_size=16)
     callbacks = [knn] if hasattr(module, "embed") else []  # the tokenizer has no features to probe

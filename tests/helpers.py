@@ -42,3 +42,74 @@ def losses_on_fixed_batch(
         optimizer.step()
         losses.append(loss.item())
     return losses
+
+
+def tiny_method(method: str, drop_path: float = 0.0) -> tuple[pl.LightningModule, nn.Module]:
+    """A tiny 32-px instance of a method module and its teacher / target (what must agree across ranks).
+
+    ``method``: conmim, mimco, mocov3, vq_tokenizer, cim or cmae. ``drop_path`` sets the ViTs' drop path
+    rate, which draws from the global random stream.
+    """
+    from lightning_mim import CIMModule, CMAEModule, ConMIMModule, MimCoModule, MoCoV3Module, VQTokenizerModule
+    from lightning_mim.masking import BlockMasking
+    from lightning_mim.nn import VQTokenizer
+    from lightning_mim.optim import OptimConfig
+
+    optim = OptimConfig(lr=1e-3, warmup_steps=0)
+    if method == "conmim":
+        module: pl.LightningModule = ConMIMModule(
+            backbone_kwargs={**TINY_BEIT, "drop_path_rate": drop_path},
+            proj_hidden_dim=64,
+            proj_dim=32,
+            momentum=0.9,
+            optim=optim,
+        )
+        teacher = module.teacher
+    elif method == "mimco":
+        module = MimCoModule(
+            backbone_kwargs={**TINY_BEIT, "drop_path_rate": drop_path},
+            allow_random_teacher=True,
+            patch_hidden_dim=32,
+            proj_hidden_dim=64,
+            optim=optim,
+        )
+        teacher = module.teacher
+    elif method == "mocov3":
+        module = MoCoV3Module(
+            backbone_kwargs={**TINY_BEIT, "drop_path_rate": drop_path},
+            proj_hidden_dim=64,
+            proj_dim=16,
+            momentum=0.9,
+            optim=optim,
+        )
+        teacher = module.momentum_branch
+    elif method == "vq_tokenizer":
+        module = VQTokenizerModule(
+            vocab_size=32, code_dim=8, hidden_dim=16, num_res_blocks=1, downsample=4, image_size=32, optim=optim
+        )
+        teacher = module.tokenizer  # checksum of parameters and the EMA codebook buffers (below)
+    elif method == "cim":
+        module = CIMModule(
+            enhancer="vit_small_patch16_224",
+            enhancer_kwargs={**TINY_BEIT, "patch_size": 4, "drop_path_rate": drop_path},
+            tokenizer=VQTokenizer(vocab_size=32, code_dim=8, hidden_dim=16, num_res_blocks=1, downsample=4),
+            generator_kwargs={"depth": 1},
+            masking=BlockMasking(8, num_masking_patches=32, min_num_patches=4),
+            window=4,
+            optim=optim,
+        )
+        teacher = module.enhancer
+    else:
+        module = CMAEModule(
+            backbone="vit_small_patch16_224",
+            backbone_kwargs={**TINY_BEIT, "patch_size": 4, "drop_path_rate": drop_path},
+            decoder_dim=32,
+            decoder_depth=1,
+            decoder_heads=2,
+            proj_hidden_dim=64,
+            proj_dim=16,
+            momentum=0.9,
+            optim=optim,
+        )
+        teacher = module.target_encoder
+    return module, teacher

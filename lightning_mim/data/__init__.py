@@ -2,6 +2,7 @@
 
 from lightning_mim.data.datamodule import ImageNetDataModule, SampleDataModule, load_sample
 from lightning_mim.data.folder import ImageFolderDataset, TensorImageDataset, decode_rgb
+from lightning_mim.data.sampling import ResumableSampler
 from lightning_mim.data.views import (
     ClassificationViews,
     CMAEViews,
@@ -24,6 +25,7 @@ __all__ = [
     "ImageFolderDataset",
     "ImageNetDataModule",
     "MAEViews",
+    "ResumableSampler",
     "SampleDataModule",
     "TensorImageDataset",
     "TwoCropViews",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -12,7 +13,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import decode_jpeg
 
+from lightning_mim._rng import _MOD
 from lightning_mim.data.folder import ImageFolderDataset, TensorImageDataset
+from lightning_mim.data.sampling import ResumableSampler
 
 __all__ = ["ImageNetDataModule", "SampleDataModule"]
 
@@ -31,6 +34,13 @@ class _ViewsDataModule(pl.LightningDataModule):
     Training items are the method's views (``pl_module.train_views()``, e.g. ``images`` and
     ``teacher_images``) plus ``labels``; validation items and the kNN bank use
     ``pl_module.eval_views()``. Pass ``train_views`` / ``eval_views`` to override them.
+
+    The training order and the views are drawn by a :class:`ResumableSampler` from the run seed (rank
+    0's, shared by all ranks), the epoch and the sample index. The data module's state in a
+    checkpoint records the epoch and how many batches of it were consumed, so a run resumed from any
+    checkpoint, mid-epoch included, continues with exactly the batches the uninterrupted run would
+    have seen. (Resuming on a different number of ranks or batch size restarts the interrupted
+    epoch's order from its beginning, with a warning.)
     """
 
     def __init__(
@@ -52,6 +62,8 @@ class _ViewsDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self._bank: Dataset | None = None
+        self.seed: int | None = None  # the data seed, set in setup() from the run seed
+        self._resume: dict[str, int] | None = None
 
     def _sources(self) -> tuple[_Viewed, _Viewed | None]:
         """The train and (optional) val datasets, transform not yet chosen."""
@@ -70,6 +82,9 @@ class _ViewsDataModule(pl.LightningDataModule):
         return factory()
 
     def setup(self, stage: str) -> None:
+        if self.seed is None:
+            seed = torch.initial_seed() % _MOD  # the run seed after seed_everything
+            self.seed = int(self.trainer.strategy.broadcast(seed, src=0)) if self.trainer is not None else seed
         train, val = self._sources()
         self.train_set = train.with_transform(self._views("train_views"))
         eval_views = self._views("eval_views")
@@ -77,10 +92,16 @@ class _ViewsDataModule(pl.LightningDataModule):
         self.val_set = val.with_transform(eval_views) if val is not None else None
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        return DataLoader(
+        sampler = None
+        if train:
+            world_size, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+            sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, seed=self.seed or 0)
+            if self._resume is not None:
+                self._apply_resume(sampler, world_size)
+        return (_ResumableLoader if train else DataLoader)(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
@@ -94,11 +115,66 @@ class _ViewsDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         return self._loader(self.val_set, train=False) if self.val_set is not None else []
 
+    def _apply_resume(self, sampler: ResumableSampler, world_size: int) -> None:
+        state, self._resume = self._resume, None
+        assert state is not None
+        if state["world_size"] != world_size or state["batch_size"] != self.batch_size:
+            warnings.warn(
+                f"resuming with {world_size} ranks x batch {self.batch_size} instead of the checkpoint's "
+                f"{state['world_size']} x {state['batch_size']}: epoch {state['epoch']} restarts its sample order "
+                "from the beginning",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            sampler.set_epoch(state["epoch"])
+            return
+        sampler.resume(state["epoch"], state["batches_done"] * self.batch_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training data stands: the data seed, the epoch and the batches of it already consumed."""
+        if self.trainer is None or self.seed is None:
+            return {}
+        return {
+            "seed": self.seed,
+            "epoch": self.trainer.current_epoch,
+            "batches_done": _batches_done(self.trainer),
+            "batch_size": self.batch_size,
+            "world_size": self.trainer.world_size,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        self.seed = int(state_dict["seed"])
+        self._resume = {k: int(state_dict[k]) for k in ("epoch", "batches_done", "batch_size", "world_size")}
+
     def knn_datasets(self) -> tuple[Dataset, Dataset] | None:
         """(bank, queries) for :class:`~lightning_mim.callbacks.OnlineKNN`: train and val images, eval view."""
         if self._bank is None or self.val_set is None:
             return None
         return self._bank, self.val_set
+
+
+class _ResumableLoader(DataLoader):
+    """A DataLoader that tells Lightning it is resumable mid-epoch.
+
+    The position lives in the data module's state (see :class:`_ViewsDataModule`), which knows how many
+    batches the training loop consumed; the loader itself would count the batch Lightning prefetches.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
+
+
+def _batches_done(trainer: pl.Trainer) -> int:
+    """Training batches of the current epoch whose optimizer step is in the weights being saved."""
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    if progress.completed >= trainer.num_training_batches:  # saved at the end of the epoch
+        return 0
+    return int(getattr(progress, "processed", progress.completed))
 
 
 class ImageNetDataModule(_ViewsDataModule):

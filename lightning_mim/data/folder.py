@@ -14,6 +14,8 @@ from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from lightning_mim.data.sampling import apply_seeded, split_key
+
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "TensorImageDataset", "decode_rgb"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
@@ -53,7 +55,8 @@ def _scan(root: Path, extensions: tuple[str, ...]) -> tuple[list[str], list[tupl
 class ImageFolderDataset(Dataset):
     """Images under ``root``: ``root/<class>/**/<image>`` (labels) or images directly in ``root`` (label -1).
 
-    Items are ``transform(image)`` (a dict of uint8 views) plus ``"labels"``. A file that cannot be
+    Items are ``transform(image)`` (a dict of uint8 views) plus ``"labels"``; keys are indices or
+    :class:`~lightning_mim.data.ResumableSampler`'s ``(index, view_seed)`` pairs. A file that cannot be
     decoded is reported once per worker in a warning naming it, counted in ``num_skipped`` (shared
     across worker processes), and replaced by the next readable image, so a run never stops on one
     bad file.
@@ -90,7 +93,8 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Tensor]:
+        index, seed = split_key(key)  # a ResumableSampler key seeds the views
         for offset in range(len(self.samples)):
             path, label = self.samples[(index + offset) % len(self.samples)]
             try:
@@ -101,7 +105,7 @@ class ImageFolderDataset(Dataset):
                     self._reported.add(path)
                     warnings.warn(f"skipping unreadable image {path}: {err}", RuntimeWarning, stacklevel=2)
                 continue
-            out = self.transform(image)
+            out = apply_seeded(self.transform, image, seed)
             out["labels"] = torch.tensor(label)
             return out
         raise RuntimeError(f"no readable image under {self.root}")
@@ -109,6 +113,8 @@ class ImageFolderDataset(Dataset):
 
 class TensorImageDataset(Dataset):
     """Decoded uint8 images held in memory, (M, 3, H, W), with labels (M,).
+
+    Keys are indices or :class:`~lightning_mim.data.ResumableSampler`'s ``(index, view_seed)`` pairs.
 
     Args:
         images: uint8 images.
@@ -129,7 +135,8 @@ class TensorImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        out = self.transform(self.images[index])
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Tensor]:
+        index, seed = split_key(key)  # a ResumableSampler key seeds the views
+        out = apply_seeded(self.transform, self.images[index], seed)
         out["labels"] = self.labels[index]
         return out

@@ -37,10 +37,12 @@ from lightning_mim.export import EncoderSpec
 from lightning_mim.losses import window_normalize
 from lightning_mim.masking import BlockMasking, MaskGenerator
 from lightning_mim.methods._checkpoint import read_meta, write_meta
+from lightning_mim.methods._validation import check_mask_count, check_normalization
 from lightning_mim.methods.tokenizer import load_vq_tokenizer
 from lightning_mim.nn import MaskedViT
 from lightning_mim.nn.compile import compile_in_place
-from lightning_mim.nn.enhancer import Enhancer, Objective, timm_family
+from lightning_mim.nn.enhancer import Enhancer, Objective
+from lightning_mim.nn.timm_models import TimmArgs, timm_family
 from lightning_mim.nn.tokenizer import ImageTokenizer, VQTokenizer
 from lightning_mim.optim import OptimConfig, configure_adamw
 
@@ -87,9 +89,9 @@ def sample_tokens(
 class _Generator(nn.Module):
     """BEiT with mask tokens and a LayerNorm + Linear(D, V) head: token logits (B, N, V)."""
 
-    def __init__(self, arch: str, vocab_size: int, **timm_kwargs: Any) -> None:
+    def __init__(self, arch: str, vocab_size: int, names: TimmArgs | None = None, **timm_kwargs: Any) -> None:
         super().__init__()
-        self.encoder = MaskedViT(arch, mode="mask_token", **timm_kwargs)
+        self.encoder = MaskedViT(arch, mode="mask_token", names=names, **timm_kwargs)
         width = self.encoder.embed_dim
         logits = nn.Linear(width, vocab_size)
         nn.init.trunc_normal_(logits.weight, std=0.02)  # BEiT's head init: near-uniform logits at start
@@ -168,12 +170,15 @@ class CIMModule(pl.LightningModule):
             raise ValueError(f"enhancer_weight must be >= 0, got {enhancer_weight}")
         if clip_grad_norm is not None and clip_grad_norm <= 0:
             raise ValueError(f"clip_grad_norm must be > 0 or None, got {clip_grad_norm}")
-        self.tokenizer = self._build_tokenizer(tokenizer_ckpt, tokenizer, allow_random_tokenizer)
+        owner = type(self).__name__
+        check_normalization(owner, mean, std)
+        enhancer_names = TimmArgs(owner, "enhancer", "enhancer_kwargs")
         kwargs = dict(enhancer_kwargs or {})
-        if timm_family(enhancer) != "timm.models.resnet":
+        if timm_family(enhancer, enhancer_names) != "timm.models.resnet":
             kwargs.setdefault("drop_path_rate", 0.1)
             kwargs.setdefault("init_values", 0.1)
-        self.enhancer = Enhancer(enhancer, objective, image_size, **kwargs)
+        self.tokenizer = self._build_tokenizer(tokenizer_ckpt, tokenizer, allow_random_tokenizer)
+        self.enhancer = Enhancer(enhancer, objective, image_size, names=enhancer_names, **kwargs)
         self.image_size = self.enhancer.image_size
         grid = self.enhancer.grid_size
         width = self.enhancer.width if self.enhancer.is_vit else 768
@@ -185,7 +190,9 @@ class CIMModule(pl.LightningModule):
             "patch_size": self.image_size // grid[0],
             **(generator_kwargs or {}),
         }
-        self.generator = _Generator(generator, self.tokenizer.vocab_size, **gen_kwargs)
+        self.generator = _Generator(
+            generator, self.tokenizer.vocab_size, TimmArgs(owner, "generator", "generator_kwargs"), **gen_kwargs
+        )
         if self.generator.encoder.grid_size != grid:
             raise ValueError(
                 f"the generator's patch grid {self.generator.encoder.grid_size} does not match the enhancer's "
@@ -198,6 +205,13 @@ class CIMModule(pl.LightningModule):
         if (self.masking.height, self.masking.width) != grid:
             raise ValueError(
                 f"masking grid ({self.masking.height}, {self.masking.width}) does not match the token grid {grid}"
+            )
+        check_mask_count(owner, self.masking)
+        if objective == "respix" and not 2 <= window <= 2 * self.image_size - 1:
+            raise ValueError(
+                f"{owner}(window={window}): the ResPix window must be at least 2 pixels (a 1-pixel window "
+                f"normalises every pixel to 0) and reflect-pad within the {self.image_size}-pixel image "
+                f"(at most {2 * self.image_size - 1})"
             )
         self.objective = objective
         self.temperature = temperature
@@ -314,6 +328,7 @@ class CIMModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         images = batch["images"]
+        self._mask_stream.seed_global(self.global_rank)  # dropout, drop path: resumable
         generator = self._mask_stream.next(self.global_rank, self.device)
         mask = self.masking(images.shape[0], device=self.device, generator=generator)
         terms = self.losses(images, mask, self._sample_stream.next(self.global_rank, self.device))

@@ -38,9 +38,17 @@ from lightning_mim.export import EncoderSpec
 from lightning_mim.losses import info_nce, masked_patch_mse, patchify, unpatchify
 from lightning_mim.masking import GridMasking, MaskGenerator
 from lightning_mim.methods._checkpoint import read_meta, write_meta
+from lightning_mim.methods._validation import (
+    check_contrastive_batch,
+    check_mask_count,
+    check_momenta,
+    check_normalization,
+    check_positive,
+)
 from lightning_mim.nn import BNProjector, MAEDecoder, MaskedViT, freeze_sincos_pos_embed
 from lightning_mim.nn.compile import compile_in_place
 from lightning_mim.nn.heads import sync_batchnorm_on_gpus
+from lightning_mim.nn.timm_models import TimmArgs
 from lightning_mim.optim import OptimConfig, configure_adamw
 
 __all__ = ["CMAE_OPTIM", "CMAEModule"]
@@ -133,12 +141,37 @@ class CMAEModule(pl.LightningModule):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if reconstruction_weight < 0 or contrastive_weight < 0:
             raise ValueError("reconstruction_weight and contrastive_weight must be >= 0")
-        self.encoder = MaskedViT(backbone, mode="visible", **(backbone_kwargs or {}))
+        owner = type(self).__name__
+        if reconstruction_weight == 0 and contrastive_weight == 0:
+            raise ValueError(
+                f"{owner}(reconstruction_weight=0, contrastive_weight=0): the loss would be 0; give one a weight > 0"
+            )
+        check_positive(
+            owner,
+            decoder_dim=decoder_dim,
+            decoder_heads=decoder_heads,
+            proj_hidden_dim=proj_hidden_dim,
+            proj_dim=proj_dim,
+        )
+        if decoder_dim % decoder_heads:
+            raise ValueError(
+                f"{owner}(decoder_dim={decoder_dim}, decoder_heads={decoder_heads}): the decoder width must be "
+                "divisible by its number of attention heads"
+            )
+        check_momenta(owner, momentum=momentum)
+        check_normalization(owner, mean, std)
+        names = TimmArgs(owner, "backbone", "backbone_kwargs")
+        self.encoder = MaskedViT(backbone, mode="visible", names=names, **(backbone_kwargs or {}))
         vit = self.encoder.vit
         if vit.pos_embed is None:
             raise ValueError(f"{backbone!r} has no absolute position embedding to fix to sin-cos")
         freeze_sincos_pos_embed(vit.pos_embed, self.encoder.grid_size)
         grid, width = self.encoder.grid_size, self.encoder.embed_dim
+        if masking is None and (grid[0] % 2 or grid[1] % 2):
+            raise ValueError(
+                f"{owner}(backbone_kwargs): the default masking (2x2-patch cells) needs an even patch grid, got "
+                f"{grid}; pass another masking generator (e.g. RandomMasking) or change img_size / patch_size"
+            )
         self.masking = masking if masking is not None else GridMasking(grid, cell_size=2, mask_ratio=0.65)
         if (self.masking.height, self.masking.width) != grid:
             raise ValueError(
@@ -149,6 +182,7 @@ class CMAEModule(pl.LightningModule):
             raise ValueError(
                 f"{type(self.masking).__name__} masks a varying number of patches; CMAE needs a fixed count"
             )
+        check_mask_count(owner, self.masking, needs_visible=True)  # the encoder sees the visible patches only
         self.num_visible = self.masking.num_patches - self.masking.num_masking_patches
         self.patch_size = int(vit.patch_embed.patch_size[0])
         self.image_size = int(vit.patch_embed.img_size[0])
@@ -219,6 +253,10 @@ class CMAEModule(pl.LightningModule):
             self.online_heads = sync_batchnorm_on_gpus(self.trainer, self.online_heads)
             self.target_projector = sync_batchnorm_on_gpus(self.trainer, self.target_projector)
 
+    def on_train_start(self) -> None:
+        if self.contrastive:  # the per-device batch is known only once the loader is built
+            check_contrastive_batch(self, "the contrastive loss")
+
     def _compiled_parts(self) -> list[nn.Module]:
         parts: list[nn.Module] = [self.encoder, self.pixel_decoder]
         if self.contrastive:
@@ -239,6 +277,7 @@ class CMAEModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         images = normalize(batch["images"], self.mean, self.std)
         target_images = normalize(batch["target_images"], self.mean, self.std) if self.contrastive else None
+        self._mask_stream.seed_global(self.global_rank)  # dropout, drop path: resumable
         generator = self._mask_stream.next(self.global_rank, self.device)
         mask = self.masking(images.shape[0], device=self.device, generator=generator)  # (B, N)
         loss, loss_rec, loss_con = self._losses(images, target_images, mask)

@@ -37,8 +37,10 @@ from lightning_mim.export import EncoderSpec
 from lightning_mim.losses import patch_contrastive_loss
 from lightning_mim.masking import BlockMasking, MaskGenerator
 from lightning_mim.methods._checkpoint import read_meta, write_meta
+from lightning_mim.methods._validation import check_mask_count, check_momenta, check_normalization, check_positive
 from lightning_mim.nn import BNProjector, MaskedViT
 from lightning_mim.nn.compile import compile_in_place
+from lightning_mim.nn.timm_models import TimmArgs
 from lightning_mim.optim import OptimConfig, configure_adamw
 
 __all__ = ["CONMIM_BACKBONE_DEFAULTS", "CONMIM_OPTIM", "ConMIMModule"]
@@ -131,9 +133,13 @@ class ConMIMModule(pl.LightningModule):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if eval_encoder not in ("student", "teacher"):
             raise ValueError(f"eval_encoder must be 'student' or 'teacher', got {eval_encoder!r}")
+        owner = type(self).__name__
+        check_positive(owner, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim, proj_layers=proj_layers)
+        check_momenta(owner, momentum=momentum, final_momentum=final_momentum)
+        check_normalization(owner, mean, std)
         kwargs = dict(CONMIM_BACKBONE_DEFAULTS) if backbone.startswith("beit") else {}
         kwargs.update(backbone_kwargs or {})
-        encoder = MaskedViT(backbone, mode="mask_token", **kwargs)
+        encoder = MaskedViT(backbone, mode="mask_token", names=TimmArgs(owner, "backbone", "backbone_kwargs"), **kwargs)
         grid = encoder.grid_size
         self.masking = masking if masking is not None else BlockMasking.beit_default(grid)
         if (self.masking.height, self.masking.width) != grid:
@@ -141,6 +147,7 @@ class ConMIMModule(pl.LightningModule):
                 f"masking grid ({self.masking.height}, {self.masking.width}) does not match "
                 f"the backbone's patch grid {grid}"
             )
+        check_mask_count(owner, self.masking)
         self.student = _Network(encoder, BNProjector(encoder.embed_dim, proj_hidden_dim, proj_dim, proj_layers))
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.temperature = temperature
@@ -194,6 +201,7 @@ class ConMIMModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         images = normalize(batch["images"], self.mean, self.std)
         teacher_images = normalize(batch["teacher_images"], self.mean, self.std)
+        self._mask_stream.seed_global(self.global_rank)  # dropout, drop path: resumable
         generator = self._mask_stream.next(self.global_rank, self.device)
         mask = self.masking(images.shape[0], device=self.device, generator=generator)  # (B, N)
         loss = self._loss(images, teacher_images, mask)

@@ -36,9 +36,12 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_mim._rng import CountedStream
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, ClassificationViews, EvalView, normalize
 from lightning_mim.export import encoder_state
 from lightning_mim.methods._checkpoint import load_checkpoint
+from lightning_mim.methods._validation import check_input_size, check_normalization, check_positive
+from lightning_mim.nn.timm_models import TimmArgs, create_timm_model, timm_family
 from lightning_mim.optim import OptimConfig, configure_adamw, param_groups, peak_lr, with_schedule
 
 __all__ = ["FINETUNE_OPTIM", "LINEAR_OPTIM", "FineTuneModule", "LinearProbeModule", "load_encoder"]
@@ -56,6 +59,8 @@ FINETUNE_OPTIM = OptimConfig(
 )
 #: MAE's linear probe: LARS, lr 0.1 per 256 images, no weight decay, 10 warmup epochs, cosine to 0.
 LINEAR_OPTIM = OptimConfig(lr=0.1, base_batch_size=256, min_lr=0.0, weight_decay=0.0, warmup_epochs=10)
+
+_STEP_STREAM = 0x5354  # seeds the global generators at each training step ("ST")
 
 _ALLOWED_MISSING = ("head.", "fc.", "fc_norm.")  # new classifier and pooled-feature norm
 _ALLOWED_UNEXPECTED = ("norm.",)  # the per-token final norm, replaced by fc_norm under mean pooling
@@ -106,10 +111,12 @@ def load_encoder(
     arch = arch or saved_arch
     if arch is None:
         raise ValueError("give `arch` (a timm name) when there are no pre-trained weights")
+    names = TimmArgs("load_encoder", "arch", "model_kwargs")
+    timm_family(arch, names)  # unknown names: an error that says so, before anything else
     if global_pool is not None and is_token_model(arch):
         overrides["global_pool"] = global_pool
     kwargs = {**saved_args, **(model_kwargs or {}), **overrides}
-    model = timm.create_model(arch, **kwargs)
+    model = create_timm_model(arch, names, **kwargs)
     if state is not None and not random_init:
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
@@ -129,7 +136,8 @@ class FineTuneModule(pl.LightningModule):
 
     Args:
         weights: Export folder or method checkpoint; None trains ``arch`` from a random init.
-        arch: timm name (read from ``weights`` when None).
+        arch: timm name (read from ``weights`` when None). Without ``weights``, a ViT/BEiT is built for
+            ``image_size`` inputs unless ``model_kwargs`` sets ``img_size``.
         model_kwargs: Extra timm arguments (over those of the weights).
         which: Encoder of a checkpoint (None: the method's recommended one).
         random_init: Use the architecture of ``weights`` with a random initialisation (the baseline).
@@ -173,12 +181,25 @@ class FineTuneModule(pl.LightningModule):
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
+        self._step_stream = CountedStream(_STEP_STREAM)
         self.save_hyperparameters(ignore=["optim"])
         self.hparams["optim"] = dataclasses.asdict(optim)
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if not 0 <= label_smoothing < 1 or not 0 <= random_erasing <= 1:
             raise ValueError("label_smoothing must be in [0, 1) and random_erasing in [0, 1]")
+        if optimizer not in ("adamw", "lamb"):
+            raise ValueError(f"optimizer must be 'adamw' or 'lamb', got {optimizer!r}")
+        owner = type(self).__name__
+        if mixup < 0 or cutmix < 0:
+            raise ValueError(f"{owner}(mixup={mixup}, cutmix={cutmix}): Beta-distribution alphas must be >= 0")
+        if not 0 <= drop_path_rate < 1:
+            raise ValueError(f"{owner}(drop_path_rate={drop_path_rate}): a drop probability must be in [0, 1)")
+        check_positive(owner, image_size=image_size, eval_image_size=eval_image_size)
+        check_normalization(owner, mean, std)
+        if arch is not None:
+            timm_family(arch, TimmArgs(owner, "arch", "model_kwargs"))
+            model_kwargs = _random_vit_size(weights, arch, model_kwargs, image_size)
         self.model = load_encoder(
             weights,
             arch,
@@ -189,6 +210,7 @@ class FineTuneModule(pl.LightningModule):
             num_classes=num_classes,
             drop_path_rate=drop_path_rate,
         )
+        check_input_size(owner, self.model, image_size=image_size, eval_image_size=eval_image_size)
         self.mixup = (
             Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
             if mixup > 0 or cutmix > 0
@@ -198,8 +220,6 @@ class FineTuneModule(pl.LightningModule):
         self._erasing: RandomErasing | None = None
         self._soft_ce = SoftTargetCrossEntropy()
         self.label_smoothing = label_smoothing
-        if optimizer not in ("adamw", "lamb"):
-            raise ValueError(f"optimizer must be 'adamw' or 'lamb', got {optimizer!r}")
         self.image_size = image_size
         self.eval_image_size = eval_image_size or image_size
         self.randaugment = randaugment
@@ -228,6 +248,7 @@ class FineTuneModule(pl.LightningModule):
         return with_schedule(self, optimizer, self.optim)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        self._step_stream.seed_global(self.global_rank, advance=True)  # resumable mixup and erasing
         images, labels = normalize(batch["images"], self.mean, self.std), batch["labels"]
         if self.erasing_p > 0:
             if self._erasing is None:  # built once, on the device the batches arrive on
@@ -244,13 +265,21 @@ class FineTuneModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         _evaluate(self, self.model(normalize(batch["images"], self.mean, self.std)), batch["labels"])
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lightning_mim.step_stream"] = self._step_stream.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "lightning_mim.step_stream" in checkpoint:
+            self._step_stream.load_state_dict(checkpoint["lightning_mim.step_stream"])
+
 
 class LinearProbeModule(pl.LightningModule):
     """Linear probing of a frozen encoder (see the module docstring).
 
     Args:
         weights: Export folder or method checkpoint; None probes a random ``arch``.
-        arch: timm name (read from ``weights`` when None).
+        arch: timm name (read from ``weights`` when None). Without ``weights``, a ViT/BEiT is built for
+            ``image_size`` inputs unless ``model_kwargs`` sets ``img_size``.
         model_kwargs: Extra timm arguments.
         which: Encoder of a checkpoint (None: the method's recommended one).
         random_init: Use the architecture of ``weights`` with a random initialisation (the baseline).
@@ -277,12 +306,22 @@ class LinearProbeModule(pl.LightningModule):
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
+        self._step_stream = CountedStream(_STEP_STREAM)
         self.save_hyperparameters(ignore=["optim"])
         self.hparams["optim"] = dataclasses.asdict(optim)
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        owner = type(self).__name__
+        if num_classes < 2:
+            raise ValueError(f"{owner}(num_classes={num_classes}): a classifier needs at least 2 classes")
+        check_positive(owner, image_size=image_size)
+        check_normalization(owner, mean, std)
+        if arch is not None:
+            timm_family(arch, TimmArgs(owner, "arch", "model_kwargs"))
+            model_kwargs = _random_vit_size(weights, arch, model_kwargs, image_size)
         # "token" pooling keeps the pre-trained final norm on every token; features are pooled below
         encoder: Any = load_encoder(weights, arch, model_kwargs, which, "token", random_init, num_classes=0)
+        check_input_size(owner, encoder, image_size=image_size)
         self.encoder = encoder.requires_grad_(False).eval()
         self.is_transformer = isinstance(encoder, (VisionTransformer, Beit))
         width = int(encoder.num_features)
@@ -329,12 +368,20 @@ class LinearProbeModule(pl.LightningModule):
         return with_schedule(self, optimizer, self.optim)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        self._step_stream.seed_global(self.global_rank, advance=True)
         loss = F.cross_entropy(self.head(self.features(batch["images"]).float()), batch["labels"])
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         _evaluate(self, self.head(self.features(batch["images"]).float()), batch["labels"])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lightning_mim.step_stream"] = self._step_stream.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "lightning_mim.step_stream" in checkpoint:
+            self._step_stream.load_state_dict(checkpoint["lightning_mim.step_stream"])
 
 
 def _accuracy_metrics(num_classes: int) -> nn.ModuleDict:
@@ -344,6 +391,16 @@ def _accuracy_metrics(num_classes: int) -> nn.ModuleDict:
             "top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes)),
         }
     )
+
+
+def _random_vit_size(
+    weights: str | None, arch: str, model_kwargs: dict[str, Any] | None, image_size: int
+) -> dict[str, Any] | None:
+    """``model_kwargs`` with ``img_size=image_size`` for a ViT/BEiT built without weights (whose input size
+    is otherwise the architecture's default, e.g. 224, and cannot take ``image_size`` crops)."""
+    if weights is not None or "img_size" in (model_kwargs or {}) or not is_token_model(arch):
+        return model_kwargs
+    return {**(model_kwargs or {}), "img_size": image_size}
 
 
 def is_token_model(arch: str) -> bool:

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import timm
 import torch
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
@@ -34,10 +33,18 @@ from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView, MAEV
 from lightning_mim.export import EncoderSpec
 from lightning_mim.losses import info_nce, patch_contrastive_loss
 from lightning_mim.masking import BlockMasking, MaskGenerator
-from lightning_mim.methods._checkpoint import load_checkpoint, read_meta, write_meta
+from lightning_mim.methods._checkpoint import load_checkpoint, read_meta, torch_load_weights, write_meta
+from lightning_mim.methods._validation import (
+    check_contrastive_batch,
+    check_mask_count,
+    check_non_negative,
+    check_normalization,
+    check_positive,
+)
 from lightning_mim.methods.moco import MOCOV3_OPTIM, MoCoV3Module
 from lightning_mim.nn import BNProjector, MaskedViT
 from lightning_mim.nn.compile import compile_in_place
+from lightning_mim.nn.timm_models import TimmArgs, create_timm_model
 from lightning_mim.optim import OptimConfig, configure_adamw
 
 __all__ = ["MIMCO_OPTIM", "MimCoModule", "load_mocov3_teacher"]
@@ -56,14 +63,28 @@ def load_mocov3_teacher(path: str | Path) -> MoCoV3Module:
     """A MoCoV3Module rebuilt from a stage-1 checkpoint (``weights_only=True``), frozen, eval mode."""
     checkpoint = load_checkpoint(path, "teacher checkpoint", _STAGE1_HINT)
     read_meta(checkpoint, "mocov3")  # a clear error for another method's checkpoint
-    hparams = dict(checkpoint.get("hyper_parameters", {}))
+    if not isinstance(checkpoint.get("hyper_parameters"), dict):
+        raise ValueError(f"teacher checkpoint {path} has no hyper_parameters to rebuild the MoCo v3 model from")
+    hparams = dict(checkpoint["hyper_parameters"])
     optim = hparams.pop("optim", None)
     for key in ("_instantiator", "_class_path"):
         hparams.pop(key, None)
     fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in (optim or {}).items()}
-    optim_config = OptimConfig(**fields) if fields else MOCOV3_OPTIM
-    module = MoCoV3Module(**hparams, optim=optim_config)
-    module.load_state_dict(checkpoint["state_dict"])
+    try:
+        optim_config = OptimConfig(**fields) if fields else MOCOV3_OPTIM
+        module = MoCoV3Module(**hparams, optim=optim_config)
+    except TypeError as err:  # arguments of another lightning-mim version
+        raise ValueError(
+            f"teacher checkpoint {path}: its hyper_parameters do not rebuild a MoCoV3Module ({err}); "
+            "was it written by another lightning-mim version?"
+        ) from err
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as err:  # missing, unexpected or mis-shaped weights
+        raise ValueError(
+            f"teacher checkpoint {path}: its weights do not fit the MoCo v3 model of its own hyper_parameters "
+            f"({str(err).splitlines()[0]})"
+        ) from err
     return module.requires_grad_(False).eval()
 
 
@@ -72,12 +93,17 @@ def _load_encoder_weights(model: nn.Module, path: Path) -> None:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state: Any = load_file(str(path))
+        try:
+            state: Any = load_file(str(path))
+        except Exception as err:  # safetensors raises its own SafetensorError for corrupt files
+            raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from err
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load_weights(path)
         for wrapper in ("state_dict", "model"):
             if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
                 state = state[wrapper]
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of teacher weights")
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
@@ -149,12 +175,19 @@ class MimCoModule(pl.LightningModule):
         self.hparams["optim"] = dataclasses.asdict(optim)  # plain types: checkpoints load with weights_only
         if patch_temperature <= 0 or image_temperature <= 0:
             raise ValueError("patch_temperature and image_temperature must be > 0")
+        owner = type(self).__name__
+        check_positive(owner, patch_hidden_dim=patch_hidden_dim, proj_hidden_dim=proj_hidden_dim)
+        check_non_negative(owner, image_weight=image_weight)
+        check_normalization(owner, mean, std)
         student_kwargs = {"init_values": 0.1, "drop_path_rate": 0.1, **(backbone_kwargs or {})}
-        self.student = MaskedViT(backbone, mode="mask_token", **student_kwargs)
+        self.student = MaskedViT(
+            backbone, mode="mask_token", names=TimmArgs(owner, "backbone", "backbone_kwargs"), **student_kwargs
+        )
         teacher, self.teacher_projector = self._build_teacher(
             backbone, backbone_kwargs, teacher_ckpt, teacher_arch, teacher_weights, teacher_kwargs, allow_random_teacher
         )
         self.teacher: Any = teacher  # a timm ViT: forward_features and num_features are used
+        self._check_teacher_grid(owner)
         teacher_width = int(teacher.num_features)  # type: ignore[arg-type]
         target_dim = (
             teacher_width if self.teacher_projector is None else int(self._projector_out(self.teacher_projector))
@@ -164,6 +197,7 @@ class MimCoModule(pl.LightningModule):
             masking = BlockMasking.beit_default(grid)
         if (masking.height, masking.width) != grid:
             raise ValueError(f"masking grid ({masking.height}, {masking.width}) does not match the patch grid {grid}")
+        check_mask_count(owner, masking)
         self.masking = masking
         self.patch_head = nn.Sequential(
             nn.LayerNorm(width),
@@ -187,6 +221,21 @@ class MimCoModule(pl.LightningModule):
         self.image_size = int(self.student.vit.patch_embed.img_size[0])
         self._mask_stream = CountedStream(_MASK_STREAM)
 
+    def _check_teacher_grid(self, owner: str) -> None:
+        """The teacher sees the student's images and its patches pair one to one with the student's."""
+        patch_embed = getattr(self.teacher, "patch_embed", None)
+        grid = tuple(int(g) for g in getattr(patch_embed, "grid_size", ()))
+        size = tuple(int(s) for s in getattr(patch_embed, "img_size", ()))
+        student_embed = self.student.vit.patch_embed
+        student_size = (int(student_embed.img_size[0]), int(student_embed.img_size[1]))
+        if grid != self.student.grid_size or size != student_size:
+            raise ValueError(
+                f"{owner}: the teacher's patch grid {grid or 'none (not a ViT)'} at {size or '?'} px does not match "
+                f"the student's {self.student.grid_size} at {student_size} px; the patch-level loss pairs student "
+                "and teacher patches one to one, so build the student (backbone, backbone_kwargs img_size / "
+                "patch_size) like the teacher"
+            )
+
     @staticmethod
     def _projector_out(projector: nn.Module) -> int:
         return [m for m in projector.modules() if isinstance(m, nn.Linear)][-1].out_features
@@ -207,7 +256,10 @@ class MimCoModule(pl.LightningModule):
         if teacher_arch is not None:
             if teacher_weights is None or not Path(teacher_weights).expanduser().is_file():
                 raise FileNotFoundError(f"teacher_weights must name a local weights file for {teacher_arch!r}")
-            teacher = timm.create_model(teacher_arch, num_classes=0, global_pool="token", **(teacher_kwargs or {}))
+            names = TimmArgs("MimCoModule", "teacher_arch", "teacher_kwargs")
+            teacher = create_timm_model(
+                teacher_arch, names, num_classes=0, global_pool="token", **(teacher_kwargs or {})
+            )
             _load_encoder_weights(teacher, Path(teacher_weights).expanduser())
             return teacher.requires_grad_(False).eval(), None
         if allow_random_teacher:
@@ -241,6 +293,10 @@ class MimCoModule(pl.LightningModule):
         )
         return configure_adamw(self, trainable, self.optim)
 
+    def on_train_start(self) -> None:
+        if self.image_weight > 0:  # the per-device batch is known only once the loader is built
+            check_contrastive_batch(self, "the image-level loss")
+
     # ---------------------------------------------------------------------------------- steps
     @torch.no_grad()
     def _teacher_targets(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -265,6 +321,7 @@ class MimCoModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         images = normalize(batch["images"], self.mean, self.std)
+        self._mask_stream.seed_global(self.global_rank)  # dropout, drop path: resumable
         generator = self._mask_stream.next(self.global_rank, self.device)
         mask = self.masking(images.shape[0], device=self.device, generator=generator)  # (B, N)
         loss, loss_patch, loss_image = self._losses(images, mask)

@@ -22,26 +22,36 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
-import timm
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 
+from lightning_mim._rng import CountedStream
 from lightning_mim.callbacks.ema import EMATeacher
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView, TwoCropViews, normalize
 from lightning_mim.export import EncoderSpec
 from lightning_mim.losses import info_nce
 from lightning_mim.methods._checkpoint import read_meta, write_meta
+from lightning_mim.methods._validation import (
+    check_contrastive_batch,
+    check_momenta,
+    check_normalization,
+    check_positive,
+)
 from lightning_mim.nn import BNProjector, freeze_sincos_pos_embed
 from lightning_mim.nn.compile import compile_in_place
 from lightning_mim.nn.heads import sync_batchnorm_on_gpus
+from lightning_mim.nn.timm_models import TimmArgs, create_timm_model, timm_family
 from lightning_mim.optim import OptimConfig, configure_adamw
 
 __all__ = ["MOCOV3_OPTIM", "MoCoV3Module"]
 
 #: MoCo v3's ViT recipe: AdamW, lr 1.5e-4 per 256 images, wd 0.1, 40 warmup epochs, cosine to 0.
 MOCOV3_OPTIM = OptimConfig(lr=1.5e-4, base_batch_size=256, min_lr=0.0, weight_decay=0.1, warmup_epochs=40)
+
+
+_STEP_STREAM = 0x5354  # seeds the global generators at each training step ("ST")
 
 
 class _Branch(nn.Module):
@@ -101,15 +111,21 @@ class MoCoV3Module(pl.LightningModule):
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
+        self._step_stream = CountedStream(_STEP_STREAM)
         self.save_hyperparameters(ignore=["optim"])
         self.hparams["optim"] = dataclasses.asdict(optim)  # plain types: checkpoints load with weights_only
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        name = timm.models.split_model_name_tag(backbone)[0]
-        if not timm.is_model(name):
-            raise ValueError(f"unknown timm architecture {backbone!r} (see timm.list_models('vit_*'))")
+        owner = type(self).__name__
+        check_positive(owner, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim)
+        check_momenta(owner, momentum=momentum, final_momentum=final_momentum)
+        check_normalization(owner, mean, std)
+        names = TimmArgs(owner, "backbone", "backbone_kwargs")
+        family = timm_family(backbone, names)
+        if family not in ("timm.models.vision_transformer", "timm.models.beit"):
+            raise TypeError(f"{owner}(backbone={backbone!r}): a {family} model; MoCo v3 here trains a timm ViT or BEiT")
         kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": "token", **(backbone_kwargs or {})}
-        encoder: Any = timm.create_model(backbone, **kwargs)
+        encoder: Any = create_timm_model(backbone, names, **kwargs)
         self._encoder_spec = (backbone, kwargs)
         if freeze_patch_projection:
             encoder.patch_embed.requires_grad_(False)
@@ -160,6 +176,10 @@ class MoCoV3Module(pl.LightningModule):
             self.predictor = sync_batchnorm_on_gpus(self.trainer, self.predictor)
             self.momentum_branch = sync_batchnorm_on_gpus(self.trainer, self.momentum_branch)
 
+    def on_train_start(self) -> None:
+        # the per-device batch is known only once the loader is built
+        check_contrastive_batch(self, "MoCo v3's contrastive loss")
+
     def configure_model(self) -> None:
         if self.use_compile:
             compile_in_place(self.base.encoder, self.momentum_branch.encoder)
@@ -173,6 +193,7 @@ class MoCoV3Module(pl.LightningModule):
         return 2 * self.temperature * info_nce(query, key, self.temperature)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        self._step_stream.seed_global(self.global_rank, advance=True)  # resumable global randomness
         x1 = normalize(batch["images"], self.mean, self.std)
         x2 = normalize(batch["images_2"], self.mean, self.std)
         q1, q2 = self.predictor(self.base(x1)), self.predictor(self.base(x2))  # (B, proj_dim)
@@ -204,7 +225,9 @@ class MoCoV3Module(pl.LightningModule):
         }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        write_meta(checkpoint, "mocov3", module=self)
+        write_meta(checkpoint, "mocov3", module=self, step_stream=self._step_stream.state_dict())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        read_meta(checkpoint, "mocov3")
+        meta = read_meta(checkpoint, "mocov3")
+        if "step_stream" in meta:  # absent from checkpoints of version 0.1
+            self._step_stream.load_state_dict(meta["step_stream"])

@@ -27,8 +27,10 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor
 
+from lightning_mim._rng import CountedStream
 from lightning_mim.data.views import EvalView, MAEViews
 from lightning_mim.methods._checkpoint import load_checkpoint, read_meta, write_meta
+from lightning_mim.methods._validation import check_non_negative, check_positive
 from lightning_mim.nn.tokenizer import VQTokenizer
 from lightning_mim.optim import OptimConfig, configure_adamw
 
@@ -50,6 +52,9 @@ def psnr(reconstruction: Tensor, images: Tensor) -> Tensor:
 def _usage(ids: Tensor, vocab_size: int) -> Tensor:
     """Fraction of the vocabulary that occurs in ``ids``."""
     return (torch.bincount(ids.flatten(), minlength=vocab_size) > 0).float().mean()
+
+
+_STEP_STREAM = 0x5354  # seeds the global generators at each training step ("ST")
 
 
 class VQTokenizerModule(pl.LightningModule):
@@ -84,8 +89,17 @@ class VQTokenizerModule(pl.LightningModule):
         optim: OptimConfig = VQ_TOKENIZER_OPTIM,
     ) -> None:
         super().__init__()
+        self._step_stream = CountedStream(_STEP_STREAM)
         self.save_hyperparameters(ignore=["optim"])
         self.hparams["optim"] = dataclasses.asdict(optim)  # plain types: checkpoints load with weights_only
+        owner = type(self).__name__
+        check_positive(owner, image_size=image_size, downsample=downsample, code_dim=code_dim, hidden_dim=hidden_dim)
+        check_non_negative(owner, num_res_blocks=num_res_blocks)
+        if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+            raise ValueError(
+                f"{owner}(crop_scale={tuple(crop_scale)}): the crop's (min, max) fraction of the image area "
+                "must satisfy 0 < min <= max <= 1"
+            )
         if image_size % downsample:
             raise ValueError(f"image_size {image_size} is not divisible by downsample {downsample}")
         if commitment < 0:
@@ -114,6 +128,7 @@ class VQTokenizerModule(pl.LightningModule):
         return configure_adamw(self, self.tokenizer, self.optim)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        self._step_stream.seed_global(self.global_rank, advance=True)  # resumable codebook restarts
         images = batch["images"].float() / 255.0  # (B, 3, H, W) in [0, 1]
         reconstruction, ids, commitment = self.tokenizer(images)
         loss_rec = F.mse_loss(reconstruction.float(), images * 2 - 1)
@@ -133,10 +148,14 @@ class VQTokenizerModule(pl.LightningModule):
         self.log("val/codebook_usage", _usage(ids, self.tokenizer.vocab_size), sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        write_meta(checkpoint, "vq_tokenizer", tokenizer=self.tokenizer_kwargs())
+        write_meta(
+            checkpoint, "vq_tokenizer", tokenizer=self.tokenizer_kwargs(), step_stream=self._step_stream.state_dict()
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        read_meta(checkpoint, "vq_tokenizer")
+        meta = read_meta(checkpoint, "vq_tokenizer")
+        if "step_stream" in meta:  # absent from checkpoints of version 0.1
+            self._step_stream.load_state_dict(meta["step_stream"])
 
 
 def load_vq_tokenizer(path: str | Path) -> VQTokenizer:

@@ -4,25 +4,17 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import timm
 from timm.models.beit import Beit
 from timm.models.resnet import ResNet
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from lightning_mim.losses import unpatchify
+from lightning_mim.nn.timm_models import TimmArgs, create_timm_model, timm_family
 
 __all__ = ["Enhancer", "Objective", "timm_family"]
 
 Objective = Literal["respix", "revdet"]
-
-
-def timm_family(arch: str) -> str:
-    """The timm module that defines ``arch`` (e.g. ``timm.models.resnet``); a clear error if unknown."""
-    name = timm.models.split_model_name_tag(arch)[0]
-    if not timm.is_model(name):
-        raise ValueError(f"unknown timm architecture {arch!r} (see timm.list_models())")
-    return str(timm.models.model_entrypoint(name).__module__)
 
 
 class Enhancer(nn.Module):
@@ -39,24 +31,46 @@ class Enhancer(nn.Module):
         arch: timm name of a ViT/BEiT (``vit_base_patch16_224``) or ResNet (``resnet50``).
         objective: ``"respix"`` or ``"revdet"``.
         image_size: Input side. ViTs take it as timm's ``img_size``; ResNets need a multiple of 32.
+        names: The caller's names of ``arch`` and ``timm_kwargs``, for error messages.
         **timm_kwargs: Passed to ``timm.create_model`` (``num_classes`` is 0, pooling off for ResNets).
+
+    Raises:
+        ValueError: Unknown architecture, arguments timm rejects, an image size that is not a multiple
+            of the patch size (of 32 for a ResNet), or ``image_size`` and ``img_size`` that disagree.
+        TypeError: ``arch`` is not a ViT, BEiT or ResNet.
     """
 
-    def __init__(self, arch: str, objective: Objective, image_size: int | None = None, **timm_kwargs: Any) -> None:
+    def __init__(
+        self,
+        arch: str,
+        objective: Objective,
+        image_size: int | None = None,
+        *,
+        names: TimmArgs | None = None,
+        **timm_kwargs: Any,
+    ) -> None:
         super().__init__()
         if objective not in ("respix", "revdet"):
             raise ValueError(f"objective must be 'respix' or 'revdet', got {objective!r}")
-        family = timm_family(arch)
+        names = names or TimmArgs("Enhancer", "arch", "timm_kwargs")
+        family = timm_family(arch, names)
         self.is_vit = family in ("timm.models.vision_transformer", "timm.models.beit")
         if not self.is_vit and family != "timm.models.resnet":
-            raise TypeError(f"{arch!r} is a {family} model; the CIM enhancer is a timm ViT, BEiT or ResNet")
+            raise TypeError(
+                f"{names.owner}({names.arch}={arch!r}): a {family} model; the CIM enhancer is a ViT, BEiT or ResNet"
+            )
         timm_kwargs.setdefault("num_classes", 0)
         if self.is_vit and image_size is not None:
-            timm_kwargs.setdefault("img_size", image_size)
+            img_size = timm_kwargs.setdefault("img_size", image_size)
+            if img_size != image_size:
+                raise ValueError(
+                    f"{names.owner}(image_size={image_size}) disagrees with {names.kwargs} img_size={img_size}: "
+                    "give one of them"
+                )
         if not self.is_vit:
             timm_kwargs.setdefault("global_pool", "")
         # typed Any: timm's submodules (patch_embed, num_features, ...) are reached by attribute
-        self.backbone: Any = timm.create_model(arch, **timm_kwargs)
+        self.backbone: Any = create_timm_model(arch, names, **timm_kwargs)
         self.timm_kwargs: dict[str, Any] = dict(timm_kwargs)  # what rebuilds self.backbone (for export)
         self.objective = objective
         self.arch = arch
@@ -73,7 +87,10 @@ class Enhancer(nn.Module):
         elif isinstance(self.backbone, ResNet):
             self.image_size = 224 if image_size is None else image_size
             if self.image_size % 32:
-                raise ValueError(f"a ResNet enhancer needs an image_size divisible by 32, got {self.image_size}")
+                raise ValueError(
+                    f"{names.owner}(image_size={self.image_size}): a ResNet enhancer needs an image size "
+                    "divisible by 32 (its C5 stride)"
+                )
             self.patch_size = 16  # the RevDet cell: C5 (stride 32) upsampled x2
             self.grid_size = (self.image_size // 16, self.image_size // 16)
             self.width = int(self.backbone.num_features)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import timm
 import torch
 from timm.models.beit import Beit
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from lightning_mim.nn.timm_models import TimmArgs, create_timm_model, timm_family
 
 __all__ = ["MaskedViT", "visible_indices"]
 
@@ -54,26 +55,39 @@ class MaskedViT(nn.Module):
         arch: timm model name, e.g. ``"vit_base_patch16_224"`` or ``"beit_base_patch16_224"``.
         mode: ``"mask_token"`` or ``"visible"``.
         pretrained: Load timm's pretrained weights (needs them in the local cache).
+        names: The caller's names of ``arch`` and ``timm_kwargs``, for error messages (a method
+            module passes e.g. ``TimmArgs("ConMIMModule", "backbone", "backbone_kwargs")``).
         **timm_kwargs: Passed to ``timm.create_model`` (they override the architecture's defaults;
             ``num_classes`` defaults to 0 and ``global_pool`` to ``"token"``).
+
+    Raises:
+        ValueError: Unknown architecture, arguments timm rejects, or an image size that is not a
+            multiple of the patch size.
+        TypeError: ``arch`` is not a ViT or BEiT.
     """
 
-    def __init__(self, arch: str, mode: MaskMode = "mask_token", pretrained: bool = False, **timm_kwargs: Any) -> None:
+    def __init__(
+        self,
+        arch: str,
+        mode: MaskMode = "mask_token",
+        pretrained: bool = False,
+        *,
+        names: TimmArgs | None = None,
+        **timm_kwargs: Any,
+    ) -> None:
         super().__init__()
         if mode not in ("mask_token", "visible"):
             raise ValueError(f"mode must be 'mask_token' or 'visible', got {mode!r}")
-        name = timm.models.split_model_name_tag(arch)[0]
-        if not timm.is_model(name):
-            raise ValueError(f"unknown timm architecture {arch!r} (see timm.list_models('*vit*'))")
-        family = timm.models.model_entrypoint(name).__module__
+        names = names or TimmArgs("MaskedViT", "arch", "timm_kwargs")
+        family = timm_family(arch, names)
         if family not in _SUPPORTED_FAMILIES:
-            raise TypeError(f"{arch!r} is a {family} model; MaskedViT needs a timm ViT or BEiT")
+            raise TypeError(f"{names.owner}({names.arch}={arch!r}): a {family} model; it needs a timm ViT or BEiT")
         timm_kwargs.setdefault("num_classes", 0)
         # "token" pooling keeps timm's final norm on every token (with "avg" it moves to fc_norm,
         # after pooling), as the pre-training code of BEiT, MAE and ConMIM has it.
         timm_kwargs.setdefault("global_pool", "token")
         # typed Any: timm's submodules (blocks, norms, tokens) are reached by attribute below
-        self.vit: Any = timm.create_model(arch, pretrained=pretrained, **timm_kwargs)
+        self.vit: Any = create_timm_model(arch, names, pretrained=pretrained, **timm_kwargs)
         self.timm_kwargs: dict[str, Any] = dict(timm_kwargs)  # what rebuilds self.vit (for export)
         if not isinstance(self.vit, (VisionTransformer, Beit)):
             raise TypeError(f"{arch!r} builds a {type(self.vit).__name__}; MaskedViT needs a timm ViT or BEiT")

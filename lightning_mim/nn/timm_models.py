@@ -1,0 +1,104 @@
+"""Building timm models with errors that name the caller's own arguments.
+
+timm reports an unknown name as ``RuntimeError: Unknown model``, bad keyword arguments as a
+``TypeError`` or an ``AssertionError`` from deep inside a constructor, and accepts an image size that
+the patch size does not divide (the patch embedding then silently drops the last pixels). The
+helpers here turn each of these into a ``ValueError`` that says which argument of which class is
+wrong, e.g. ``ConMIMModule(backbone='vit_nonexistent'): unknown timm architecture; see
+timm.list_models('vit_*')``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import timm
+from torch import nn
+
+__all__ = ["TimmArgs", "check_patch_grid", "create_timm_model", "timm_family"]
+
+
+@dataclass(frozen=True)
+class TimmArgs:
+    """The names, in a caller's signature, of a timm architecture and of its timm arguments.
+
+    Attributes:
+        owner: The class or function the user called (``"ConMIMModule"``).
+        arch: Its argument holding the timm name (``"backbone"``).
+        kwargs: Its argument holding the timm keyword arguments (``"backbone_kwargs"``).
+    """
+
+    owner: str = "timm.create_model"
+    arch: str = "model_name"
+    kwargs: str = "kwargs"
+
+
+def _pattern(name: str) -> str:
+    """A ``timm.list_models`` pattern for names like ``name``: its family prefix if timm has one."""
+    prefix = name.split("_")[0]
+    return f"{prefix}_*" if prefix and timm.list_models(f"{prefix}_*") else "*vit*"
+
+
+def timm_family(arch: str, names: TimmArgs | None = None) -> str:
+    """The timm module that defines ``arch`` (e.g. ``timm.models.resnet``).
+
+    Raises:
+        ValueError: timm has no such architecture (the message names ``names.owner`` and ``names.arch``).
+    """
+    names = names or TimmArgs()
+    name = timm.models.split_model_name_tag(arch)[0]
+    if not timm.is_model(name):
+        raise ValueError(
+            f"{names.owner}({names.arch}={arch!r}): unknown timm architecture; see timm.list_models({_pattern(name)!r})"
+        )
+    return str(timm.models.model_entrypoint(name).__module__)
+
+
+def check_patch_grid(model: nn.Module, names: TimmArgs | None = None) -> None:
+    """Checks that a timm ViT/BEiT's patch size divides its image size (no-op for models without patches).
+
+    Raises:
+        ValueError: It does not: timm would silently drop the pixels past the last whole patch.
+    """
+    names = names or TimmArgs()
+    patch_embed = getattr(model, "patch_embed", None)
+    img_size, patch_size = getattr(patch_embed, "img_size", None), getattr(patch_embed, "patch_size", None)
+    if img_size is None or patch_size is None:
+        return
+    height, width = int(img_size[0]), int(img_size[1])
+    patch_h, patch_w = int(patch_size[0]), int(patch_size[1])
+    if height % patch_h or width % patch_w:
+        raise ValueError(
+            f"{names.owner}({names.kwargs}): image size {height}x{width} is not divisible by the patch size "
+            f"{patch_h}x{patch_w}; the patch embedding would silently drop the last {height % patch_h} pixel rows "
+            f"and {width % patch_w} columns (set img_size to a multiple of patch_size)"
+        )
+
+
+def create_timm_model(arch: str, names: TimmArgs | None = None, **kwargs: Any) -> Any:
+    """``timm.create_model(arch, **kwargs)``, with a ``ValueError`` naming the caller's argument on failure.
+
+    Args:
+        arch: timm model name (a pretrained tag such as ``.augreg_in21k`` is allowed).
+        names: The caller's argument names, for error messages.
+        **kwargs: Passed to ``timm.create_model``.
+
+    Returns:
+        The model, typed ``Any``: timm's submodules are reached by attribute.
+
+    Raises:
+        ValueError: Unknown architecture, arguments the architecture rejects, or (ViT/BEiT) an image
+            size that is not a multiple of the patch size.
+    """
+    names = names or TimmArgs()
+    timm_family(arch, names)
+    try:
+        model = timm.create_model(arch, **kwargs)
+    except (TypeError, AssertionError) as err:  # unknown keyword, or e.g. width not divisible by heads
+        raise ValueError(
+            f"{names.owner}({names.kwargs}={kwargs!r}): timm cannot build {arch!r} with these arguments "
+            f"({type(err).__name__}: {err})"
+        ) from err
+    check_patch_grid(model, names)
+    return model

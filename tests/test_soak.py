@@ -1,0 +1,164 @@
+"""Soak test: the ConMIM quickstart for 2,000 optimizer steps without memory or file-descriptor growth.
+
+The documented command (``python -m lightning_mim fit --config configs/quickstart/conmim.yaml``) runs in a
+subprocess with its data module, loader worker, callbacks (OnlineKNN and VisualDiagnostics every 250 steps,
+ModelCheckpoint) and CSV logging; only the step count, the batch size and the loggers are overridden:
+
+- ``--trainer.max_steps 2000`` (the quickstart stops at 1,000; ``max_epochs`` is already -1).
+- ``--data.batch_size 64`` instead of 128: 2,000 steps at 128 take more than 15 minutes on the 2 shared
+  CPU cores of the development machine; 64 halves the per-step cost and still crosses ~14 epochs.
+- the CSV logger only (the offline wandb logger starts a service process outside what is measured).
+
+Meanwhile the test samples, every few seconds, the process tree's resident memory (the sum of ``VmRSS`` of
+the CLI process and its DataLoader workers; a forked worker's shared pages count in both, which is stable
+since the workers are persistent) and its open file descriptors (``/proc/<pid>/fd``). Warm-up is the first
+20% of the run's duration (imports, the first kNN evaluation, the first validation and its loader worker,
+the first epochs touching the dataset); after it, resident memory must stay within 10% of its value at the
+end of warm-up, and the descriptor count at the end must be at most the count at the end of warm-up + 2.
+
+Run with ``pytest -m slow tests/test_soak.py -s`` (prints the samples); about 10 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 2000
+INTERVAL_S = 3.0
+TIMEOUT_S = 40 * 60
+WARMUP_FRACTION = 0.2
+RSS_TOLERANCE = 0.10
+FD_SLACK = 2
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads /proc (Linux)"),
+]
+
+
+@dataclass
+class Sample:
+    t: float  # seconds since the start
+    rss_mib: float  # the whole tree
+    fds: int  # the whole tree
+    procs: int  # processes in the tree
+    main_rss_mib: float  # the CLI process alone
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid``, from the parent field of every /proc/<n>/stat."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state, ppid, ...
+        if int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants."""
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        todo.extend(children(current))
+    return pids
+
+
+def rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0  # exited, or a zombie (no VmRSS line)
+
+
+def fd_count(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+def sample(pid: int, t: float) -> Sample:
+    pids = tree(pid)
+    rss = {p: rss_kib(p) for p in pids}
+    return Sample(
+        t=t,
+        rss_mib=sum(rss.values()) / 1024,
+        fds=sum(fd_count(p) for p in pids),
+        procs=len(pids),
+        main_rss_mib=rss[pid] / 1024,
+    )
+
+
+def test_conmim_quickstart_soak_memory_and_open_files_stay_flat(tmp_path: Path) -> None:
+    csv_logger = (
+        '[{"class_path": "lightning.pytorch.loggers.CSVLogger",'
+        ' "init_args": {"save_dir": "runs/quickstart/conmim", "name": "csv"}}]'
+    )
+    cmd = [
+        sys.executable, "-m", "lightning_mim", "fit", "--config", str(ROOT / "configs/quickstart/conmim.yaml"),
+        "--trainer.max_steps", str(STEPS), "--trainer.max_epochs", "-1", "--trainer.logger", csv_logger,
+        "--trainer.enable_progress_bar", "false", "--data.batch_size", "64",
+    ]  # fmt: skip
+    log_path = tmp_path / "soak.log"
+    samples: list[Sample] = []
+    start = time.monotonic()
+    with log_path.open("w") as log:  # a file, not a pipe: an unread pipe would fill and block the run
+        proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while proc.poll() is None:
+                if time.monotonic() - start > TIMEOUT_S:
+                    pytest.fail(f"no end after {TIMEOUT_S} s; log tail:\n{log_path.read_text()[-3000:]}")
+                current = sample(proc.pid, time.monotonic() - start)
+                if proc.poll() is None:  # keep only samples of a live run, not of its exit
+                    samples.append(current)
+                time.sleep(INTERVAL_S)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    duration = time.monotonic() - start
+    output = log_path.read_text()
+    assert proc.returncode == 0, output[-4000:]
+    assert f"`Trainer.fit` stopped: `max_steps={STEPS}` reached" in output, output[-4000:]
+
+    print(f"\nsoak: {STEPS} steps in {duration:.0f} s, {len(samples)} samples every {INTERVAL_S:.0f} s")
+    print(f"{'t [s]':>7} {'rss [MiB]':>10} {'main rss':>9} {'fds':>5} {'procs':>5}")
+    for s in samples:
+        print(f"{s.t:7.1f} {s.rss_mib:10.1f} {s.main_rss_mib:9.1f} {s.fds:5d} {s.procs:5d}")
+
+    warm = [s for s in samples if s.t >= WARMUP_FRACTION * duration]
+    assert len(warm) >= 10, f"too few samples after warm-up: {len(warm)}"
+    baseline, end = warm[0], warm[-1]
+    peak = max(warm, key=lambda s: s.rss_mib)
+    print(
+        f"warm-up end t={baseline.t:.0f} s: rss {baseline.rss_mib:.1f} MiB, {baseline.fds} fds; "
+        f"max after: {peak.rss_mib:.1f} MiB at t={peak.t:.0f} s; "
+        f"end t={end.t:.0f} s: rss {end.rss_mib:.1f} MiB, {end.fds} fds"
+    )
+    assert peak.rss_mib <= (1 + RSS_TOLERANCE) * baseline.rss_mib, (
+        f"resident memory grew after warm-up: {baseline.rss_mib:.1f} -> {peak.rss_mib:.1f} MiB"
+    )
+    assert end.fds <= baseline.fds + FD_SLACK, f"open files grew: {baseline.fds} -> {end.fds}"
+
+    checkpoint = tmp_path / "runs/quickstart/conmim/checkpoints/last.ckpt"
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == STEPS
