@@ -9,12 +9,14 @@ from typing import Any, Protocol
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import decode_jpeg
+from typing_extensions import override
 
 from lightning_mim._rng import _MOD
-from lightning_mim.data.folder import ImageFolderDataset, TensorImageDataset
+from lightning_mim.data.folder import ImageFolderDataset, TensorImageDataset, _where
 from lightning_mim.data.sampling import ResumableSampler
 
 __all__ = ["ImageNetDataModule", "SampleDataModule"]
@@ -182,8 +184,13 @@ class ImageNetDataModule(_ViewsDataModule):
 
     Any folder of images works for pre-training: when ``root/<train_dir>`` does not exist, ``root``
     itself is the training set (class sub-folders optional; labels are -1 without them) and there is
-    no validation. Workers decode to uint8 and apply the views; unreadable files are skipped with a
-    warning (see :class:`ImageFolderDataset`).
+    no validation. Workers decode to uint8 and apply the views.
+
+    Unreadable files (truncated, empty, not images) are skipped: each is named once in a warning and
+    counted in :attr:`num_skipped` (see :class:`ImageFolderDataset`). During fitting the count is
+    logged as ``data/skipped_images`` when it changes, and a warning sums it up when training ends.
+    :meth:`setup` fails with the path when ``root`` is missing and with the folder and the number of
+    files tried when a folder holds no readable image.
 
     Args:
         root: Dataset root.
@@ -217,7 +224,7 @@ class ImageNetDataModule(_ViewsDataModule):
     def _sources(self) -> tuple[ImageFolderDataset, ImageFolderDataset | None]:
         if self._scanned is None:
             if not self.root.is_dir():
-                raise FileNotFoundError(f"data root not found: {self.root}")
+                raise FileNotFoundError(f"data root not found: {_where(self.root)}")
             train_root = self.root / self.train_dir
             if not train_root.is_dir():
                 train_root = self.root
@@ -227,10 +234,67 @@ class ImageNetDataModule(_ViewsDataModule):
             self._scanned = (ImageFolderDataset(train_root, identity), val)
         return self._scanned
 
+    @override
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.trainer is None:
+            return
+        callbacks: list[pl.Callback] = self.trainer.callbacks  # type: ignore[attr-defined] # set at Trainer init
+        if not any(isinstance(c, _SkippedImagesLogger) and c.data is self for c in callbacks):
+            # a callback, not this module's on_after_batch_transfer: overriding that batch hook here
+            # would silently replace the LightningModule's own
+            callbacks.append(_SkippedImagesLogger(self))
+
     @property
     def num_skipped(self) -> int:
-        """Unreadable training images met so far."""
+        """Distinct unreadable files (training and validation) met so far by this process and its workers."""
         return sum(d.num_skipped for d in (self.train_set, self.val_set) if isinstance(d, ImageFolderDataset))
+
+
+class _SkippedImagesLogger(pl.Callback):
+    """Puts an :class:`ImageNetDataModule`'s count of skipped files in the training log.
+
+    Added to the trainer by :meth:`ImageNetDataModule.setup`. Logs ``data/skipped_images`` (distinct
+    unreadable files met so far on this rank) to the trainer's loggers when the count has changed,
+    checked every ``log_every_n_steps`` training batches and at the end of every epoch, and warns a
+    summary on rank zero when training ends. It reads the datasets' shared CPU flags in the main
+    process: no device synchronisation.
+    """
+
+    def __init__(self, data: ImageNetDataModule) -> None:
+        self.data = data
+        self.count = 0
+
+    def _update(self, trainer: pl.Trainer) -> None:
+        count = self.data.num_skipped
+        if count != self.count:
+            self.count = count
+            for logger in trainer.loggers:
+                logger.log_metrics({"data/skipped_images": float(count)}, step=trainer.global_step)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if (batch_idx + 1) % max(1, getattr(trainer, "log_every_n_steps", 1)) == 0:
+            self._update(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._update(trainer)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._update(trainer)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._update(trainer)
+        if self.count:
+            rank_zero_warn(
+                f"{self.count} unreadable image files under {self.data.root} were skipped and replaced by readable "
+                "ones (each is named in an earlier warning; logged as data/skipped_images)"
+            )
 
 
 def load_sample(split: str) -> tuple[Tensor, Tensor, list[str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Callable
@@ -25,17 +26,27 @@ ViewFn = Callable[[Tensor], dict[str, Tensor]]
 def decode_rgb(path: str | Path) -> Tensor:
     """Reads an image file as uint8 RGB (3, H, W); grayscale, RGBA, CMYK and palettes are converted.
 
-    libjpeg-turbo/libpng through torchvision first, Pillow for the formats torchvision lacks.
+    libjpeg-turbo/libpng through torchvision first, Pillow for the formats torchvision lacks. A 16-bit
+    PNG is reduced to 8 bits and an animated GIF to its first frame, so every image suits the views.
+
+    Raises:
+        ValueError: The file is empty.
+        OSError: Neither decoder reads the file (truncated, not an image, unknown format).
     """
     data = Path(path).read_bytes()
     if not data:
         raise ValueError("empty file")
     try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(data)) as img:
             img.load()
-            return pil_to_tensor(img.convert("RGB"))
+            image = pil_to_tensor(img.convert("RGB"))
+    if image.ndim == 4:  # an animated GIF: (frames, 3, H, W)
+        image = image[0]
+    if image.dtype == torch.uint16:  # a 16-bit PNG
+        image = (image.to(torch.int32) >> 8).to(torch.uint8)
+    return image
 
 
 def _scan(root: Path, extensions: tuple[str, ...]) -> tuple[list[str], list[tuple[str, int]]]:
@@ -52,31 +63,52 @@ def _scan(root: Path, extensions: tuple[str, ...]) -> tuple[list[str], list[tupl
     return classes, samples
 
 
+def _where(path: Path) -> str:
+    """``path`` as given, plus its absolute form when it is relative (the working directory may surprise)."""
+    return str(path) if path.is_absolute() else f"{path} (absolute: {path.absolute()})"
+
+
 class ImageFolderDataset(Dataset):
     """Images under ``root``: ``root/<class>/**/<image>`` (labels) or images directly in ``root`` (label -1).
 
     Items are ``transform(image)`` (a dict of uint8 views) plus ``"labels"``; keys are indices or
-    :class:`~lightning_mim.data.ResumableSampler`'s ``(index, view_seed)`` pairs. A file that cannot be
-    decoded is reported once per worker in a warning naming it, counted in ``num_skipped`` (shared
-    across worker processes), and replaced by the next readable image, so a run never stops on one
-    bad file.
+    :class:`~lightning_mim.data.ResumableSampler`'s ``(index, view_seed)`` pairs.
+
+    A file that cannot be decoded (truncated, empty, not an image) is replaced by the next readable
+    image, so a run never stops on one bad file. It is named in a warning and counted in
+    ``num_skipped`` once per run: one flag per file, in shared memory allocated here, before the data
+    loader starts its workers, records which files are known to be unreadable, so every worker and
+    every epoch sees them (and skips them without decoding them again). Copies made by
+    :meth:`with_transform` share the flags. Each process that builds the dataset (each DDP rank) has
+    its own flags.
+
+    The constructor decodes files in order until one succeeds, so a folder without a single readable
+    image fails here, not at the first batch.
 
     Args:
         root: Folder of images.
         transform: View transform, uint8 (3, H, W) -> dict of tensors.
         extensions: File endings counted as images (case-insensitive).
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder.
+        ValueError: No file under ``root`` has an image ending, or none of them decodes.
     """
 
     def __init__(self, root: str | Path, transform: ViewFn, extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> None:
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.root}")
+            raise FileNotFoundError(f"image folder not found: {_where(self.root)}")
         self.classes, self.samples = _scan(self.root, extensions)
         if not self.samples:
-            raise ValueError(f"no images ({', '.join(extensions)}) found under {self.root}")
+            raise ValueError(f"no images ({', '.join(extensions)}) found under {_where(self.root)}")
         self.transform = transform
-        self._num_skipped = torch.zeros((), dtype=torch.int64).share_memory_()
-        self._reported: set[str] = set()
+        self._unreadable = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()  # (M,)
+        if not any(self._decode(i) is not None for i in range(len(self.samples))):  # stops at the first success
+            raise ValueError(
+                f"no readable image under {_where(self.root)}: tried all {len(self.samples)} image files and none "
+                "decodes (each is named in a warning above)"
+            )
 
     def with_transform(self, transform: ViewFn) -> ImageFolderDataset:
         """The same files (no re-scan) under another transform."""
@@ -87,28 +119,37 @@ class ImageFolderDataset(Dataset):
 
     @property
     def num_skipped(self) -> int:
-        """How many unreadable files have been met so far (all workers)."""
-        return int(self._num_skipped)
+        """How many distinct unreadable files have been met so far (all workers). O(files): poll it sparingly."""
+        return int(torch.count_nonzero(self._unreadable))
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _decode(self, index: int) -> Tensor | None:
+        """Sample ``index``'s image, or None when its file is unreadable (flagged, and named the first time)."""
+        if self._unreadable[index]:
+            return None
+        path = self.samples[index][0]
+        try:
+            return decode_rgb(path)
+        except Exception as err:  # noqa: BLE001 - any decoder failure means "skip this file"
+            # check-and-set before warning: a worker that meets the file later sees the flag
+            if not self._unreadable[index]:
+                self._unreadable[index] = True
+                warnings.warn(f"skipping unreadable image {path}: {err}", RuntimeWarning, stacklevel=3)
+            return None
+
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Tensor]:
         index, seed = split_key(key)  # a ResumableSampler key seeds the views
         for offset in range(len(self.samples)):
-            path, label = self.samples[(index + offset) % len(self.samples)]
-            try:
-                image = decode_rgb(path)
-            except Exception as err:  # noqa: BLE001 - any decoder failure means "skip this file"
-                self._num_skipped += 1
-                if path not in self._reported:
-                    self._reported.add(path)
-                    warnings.warn(f"skipping unreadable image {path}: {err}", RuntimeWarning, stacklevel=2)
+            sample = (index + offset) % len(self.samples)
+            image = self._decode(sample)
+            if image is None:
                 continue
             out = apply_seeded(self.transform, image, seed)
-            out["labels"] = torch.tensor(label)
+            out["labels"] = torch.tensor(self.samples[sample][1])
             return out
-        raise RuntimeError(f"no readable image under {self.root}")
+        raise RuntimeError(f"no readable image under {_where(self.root)}")
 
 
 class TensorImageDataset(Dataset):

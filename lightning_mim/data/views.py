@@ -238,6 +238,10 @@ class ConMIMViews:
 class EvalView:
     """Resize the shorter side to ``size / crop_fraction``, centre crop ``size`` (evaluation).
 
+    An image more than twice as long as it is wide (or high) first loses the ends of its long side
+    beyond twice the short side: the centre crop never reaches them, and a 1 x 400 strip would
+    otherwise be resized to 256 x 102,400 pixels (about 200 MB in the worker) before being cropped.
+
     Args:
         size: Output side in pixels.
         crop_fraction: ``size / resize`` (0.875 gives 256 -> 224, the standard protocol).
@@ -250,6 +254,10 @@ class EvalView:
         )
 
     def __call__(self, image: Tensor) -> dict[str, Tensor]:
+        height, width = image.shape[-2:]
+        longest = 2 * min(height, width)
+        if max(height, width) > longest:
+            image = v2.functional.center_crop(image, [min(height, longest), min(width, longest)])
         return {"images": self.transform(image)}
 
 
