@@ -101,7 +101,7 @@ class NonFiniteGuard(Callback):
         for name, value in trainer.callback_metrics.items():
             if name.startswith("train/") and isinstance(value, Tensor) and value.is_floating_point():
                 self._record(name, value)
-        every = self.check_every_n_steps or trainer.log_every_n_steps or 1
+        every = self.check_every_n_steps or getattr(trainer, "log_every_n_steps", 0) or 1
         if trainer.global_step % every == 0:
             self._check(trainer, f"at the check of step {trainer.global_step}")
 
