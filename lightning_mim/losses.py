@@ -1,7 +1,8 @@
 """Loss functions: tensors in, scalar tensor out.
 
-Similarities and softmaxes are computed in float32 whatever the input dtype, so bf16 autocast runs
-do not lose precision in the contrastive logits.
+Similarities and softmaxes are computed in float32 whatever the input dtype, with autocast disabled
+around them (autocast would otherwise run the similarity matmuls in bf16 even on float32 inputs), so
+bf16-mixed runs do not lose precision in the contrastive logits.
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ def patch_contrastive_loss(student: Tensor, teacher: Tensor, mask: Tensor, tempe
             f"expected student, teacher (B, N, D) and mask (B, N); got {tuple(student.shape)}, "
             f"{tuple(teacher.shape)} and {tuple(mask.shape)}"
         )
-    q = F.normalize(student.float(), dim=-1)  # (B, N, D)
-    k = F.normalize(teacher.detach().float(), dim=-1)  # (B, N, D)
-    logits = torch.bmm(q, k.transpose(1, 2)) / temperature  # (B, N, N): row i = query i vs all keys
     batch, num_patches = mask.shape
-    target = torch.arange(num_patches, device=logits.device).expand(batch, num_patches)
-    per_patch = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")  # (B*N,)
+    with torch.autocast(student.device.type, enabled=False):  # float32 similarities under bf16 autocast
+        q = F.normalize(student.float(), dim=-1)  # (B, N, D)
+        k = F.normalize(teacher.detach().float(), dim=-1)  # (B, N, D)
+        logits = torch.bmm(q, k.transpose(1, 2)) / temperature  # (B, N, N): row i = query i vs all keys
+        target = torch.arange(num_patches, device=logits.device).expand(batch, num_patches)
+        per_patch = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")  # (B*N,)
     weights = mask.flatten().float()
     # Averaging with weights (not boolean indexing) keeps shapes static: no host sync.
     return (per_patch * weights).sum() / weights.sum().clamp(min=1.0)
@@ -84,14 +86,15 @@ def info_nce(query: Tensor, key: Tensor, temperature: float, gather: bool = True
     """
     if query.ndim != 2 or query.shape != key.shape:
         raise ValueError(f"expected query and key of equal shape (B, D); got {tuple(query.shape)}, {tuple(key.shape)}")
-    q = F.normalize(query.float(), dim=-1)
-    k = F.normalize(key.float(), dim=-1)
-    offset = 0
-    if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        k, offset = _gather_keys(k)
-    logits = q @ k.T / temperature  # (B, world * B)
-    labels = torch.arange(q.shape[0], device=q.device) + offset
-    return F.cross_entropy(logits, labels)
+    with torch.autocast(query.device.type, enabled=False):  # float32 similarities under bf16 autocast
+        q = F.normalize(query.float(), dim=-1)
+        k = F.normalize(key.float(), dim=-1)
+        offset = 0
+        if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            k, offset = _gather_keys(k)
+        labels = torch.arange(q.shape[0], device=q.device) + offset
+        logits = q @ k.T / temperature  # (B, world * B)
+        return F.cross_entropy(logits, labels)
 
 
 def patchify(images: Tensor, patch_size: int) -> Tensor:

@@ -61,6 +61,23 @@ def test_patch_contrast_fp32_under_bf16() -> None:
     assert loss.dtype == torch.float32
 
 
+def test_contrastive_logits_stay_float32_under_bf16_autocast() -> None:
+    """Autocast runs matmuls in bf16 even on float32 inputs; the losses must not let it."""
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 49, 64), torch.randn(2, 49, 64)
+    mask = torch.rand(2, 49) < 0.4
+    q, k = torch.randn(32, 64, requires_grad=True), torch.randn(32, 64)
+    reference = (patch_contrastive_loss(student, teacher, mask, 0.1), info_nce(q, k, 0.2))
+    (grad_reference,) = torch.autograd.grad(reference[1], q)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = (patch_contrastive_loss(student, teacher, mask, 0.1), info_nce(q, k, 0.2))
+    (grad_mixed,) = torch.autograd.grad(mixed[1], q)  # backward outside autocast, as Lightning runs it
+    for ours, exact in zip(mixed, reference, strict=True):
+        assert ours.dtype == torch.float32
+        torch.testing.assert_close(ours, exact, rtol=1e-6, atol=1e-6)  # bf16 logits miss by ~1e-3
+    torch.testing.assert_close(grad_mixed, grad_reference, rtol=1e-5, atol=1e-7)
+
+
 def test_patch_contrast_shape_error() -> None:
     with pytest.raises(ValueError, match="expected student"):
         patch_contrastive_loss(torch.randn(2, 5, 4), torch.randn(2, 6, 4), torch.ones(2, 5, dtype=torch.bool))
