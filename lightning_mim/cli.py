@@ -4,6 +4,7 @@
     lightning-mim fit --config configs/quickstart/conmim.yaml
     lightning-mim fit --config configs/conmim_vitb.yaml --print_config
     lightning-mim export runs/conmim_vitb/checkpoints/last.ckpt exported/conmim_vitb [--which teacher]
+    lightning-mim prepare-data /data/imagenet /data/imagenet-chunks   # litdata chunks for StreamingDataModule
 
 Any LightningModule / LightningDataModule can be named by ``class_path``; lightning-mim's are
 importable by their short names (``ConMIMModule``, ``ImageNetDataModule``, ``SampleDataModule``).
@@ -95,6 +96,11 @@ def main(args: ArgsType = None) -> None:
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, list) and argv[:1] == ["export"]:
         export_main([str(a) for a in argv[1:]])
+        return
+    if isinstance(argv, list) and argv[:1] == ["prepare-data"]:
+        from lightning_mim.data.streaming import prepare_data_main  # needs litdata (the `streaming` extra)
+
+        prepare_data_main([str(a) for a in argv[1:]])
         return
     try:
         LightningMIMCLI(args=args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,7 @@ def test_decode_unusual_files_to_rgb(tmp_path: Path) -> None:
             decode_rgb(tmp_path / name)
 
 
-VIEWS = {
+VIEWS: dict[str, Callable[[torch.Tensor], dict[str, torch.Tensor]]] = {
     "conmim": ConMIMViews(32),
     "cmae": CMAEViews(32, shift=4),
     "mae": MAEViews(32),

@@ -1,4 +1,11 @@
-"""Data: image-folder and bundled-sample data modules, robust datasets, view transforms."""
+"""Data: image-folder, streaming and bundled-sample data modules, robust datasets, view transforms.
+
+The streaming names (``StreamingDataModule``, ``StreamingImageDataset``, ``prepare_streaming_data``,
+``PreparedSplit``, ``decode_rgb_bytes``) are imported on first use: they need litdata, the
+``streaming`` extra.
+"""
+
+from typing import Any
 
 from lightning_mim.data.datamodule import ImageNetDataModule, SampleDataModule, load_sample
 from lightning_mim.data.folder import ImageFolderDataset, TensorImageDataset, decode_rgb
@@ -33,3 +40,19 @@ __all__ = [
     "load_sample",
     "normalize",
 ]
+
+_STREAMING = (
+    "PreparedSplit",
+    "StreamingDataModule",
+    "StreamingImageDataset",
+    "decode_rgb_bytes",
+    "prepare_streaming_data",
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _STREAMING:
+        from lightning_mim.data import streaming
+
+        return getattr(streaming, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -187,8 +187,9 @@ class ImageNetDataModule(_ViewsDataModule):
     no validation. Workers decode to uint8 and apply the views.
 
     Unreadable files (truncated, empty, not images) are skipped: each is named once in a warning and
-    counted in :attr:`num_skipped` (see :class:`ImageFolderDataset`). During fitting the count is
-    logged as ``data/skipped_images`` when it changes, and a warning sums it up when training ends.
+    counted in :attr:`num_skipped` (see :class:`ImageFolderDataset`; under DDP, once per rank that
+    meets it). During fitting the count is logged as ``data/skipped_images`` (rank zero's) when it
+    changes, and a warning sums it up when training ends.
     :meth:`setup` fails with the path when ``root`` is missing and with the folder and the number of
     files tried when a folder holds no readable image.
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import warnings
 from collections.abc import Callable
@@ -39,7 +38,7 @@ def decode_rgb(path: str | Path) -> Tensor:
     try:
         image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(path) as img:
             img.load()
             image = pil_to_tensor(img.convert("RGB"))
     if image.ndim == 4:  # an animated GIF: (frames, 3, H, W)

@@ -40,6 +40,7 @@ from lightning_mim.methods._checkpoint import read_meta, write_meta
 from lightning_mim.methods._validation import check_mask_count, check_momenta, check_normalization, check_positive
 from lightning_mim.nn import BNProjector, MaskedViT
 from lightning_mim.nn.compile import compile_in_place
+from lightning_mim.nn.fsdp import is_sharded, shard_networks
 from lightning_mim.nn.timm_models import TimmArgs
 from lightning_mim.optim import OptimConfig, configure_adamw
 
@@ -75,6 +76,10 @@ class _Network(nn.Module):
         # The projector runs on every token, CLS included, as in the official code (BatchNorm
         # statistics include it); the CLS output is then dropped.
         return self.encoder.patch_tokens(self.projector(tokens))  # (B, N, out_dim)
+
+    def features(self, images: Tensor) -> Tensor:
+        """Encoder tokens of unmasked images, before the projector: (B, 1 + N, D)."""
+        return self.encoder(images)
 
 
 class ConMIMModule(pl.LightningModule):
@@ -176,6 +181,8 @@ class ConMIMModule(pl.LightningModule):
         return [EMATeacher("student", "teacher", momentum=self.momentum, final_momentum=self.final_momentum)]
 
     def configure_model(self) -> None:
+        if self.device_mesh is not None and not is_sharded(self.student):  # ModelParallelStrategy: FSDP2
+            shard_networks([self.student, self.teacher], self.device_mesh, forward_methods=["features"])
         if self.use_compile:
             compile_in_place(self.student.encoder, self.teacher.encoder)
 
@@ -234,9 +241,9 @@ class ConMIMModule(pl.LightningModule):
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:
         """Mean-pooled patch features of ``eval_encoder`` for uint8 images: (B, D)."""
-        encoder = self.encoder(self.eval_encoder)
-        tokens = encoder(normalize(images, self.mean, self.std))  # (B, 1 + N, D)
-        return encoder.patch_tokens(tokens).mean(dim=1)
+        network = self.student if self.eval_encoder == "student" else self.teacher
+        tokens = network.features(normalize(images, self.mean, self.std))  # (B, 1 + N, D)
+        return network.encoder.patch_tokens(tokens).mean(dim=1)
 
     # --------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,0 +1,288 @@
+"""Streaming data: prepare-data writes litdata chunks; StreamingDataModule shards, shuffles and resumes them.
+
+A local folder stands in for the bucket. The images are bundled sample JPEGs (32 px), written as an
+ImageFolder: 200 training images in 10 classes (plus one broken file) and 50 validation images.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torchvision.transforms import v2
+
+pytest.importorskip("litdata")
+
+import litdata
+
+from lightning_mim.callbacks import OnlineKNN
+from lightning_mim.data import StreamingDataModule, prepare_streaming_data
+from lightning_mim.data.datamodule import SAMPLE_FILE
+from tests.helpers import cpu_trainer, tiny_method
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN, VAL = 200, 50
+
+
+def _write_sample_folder(root: Path) -> dict[str, list[tuple[Path, int]]]:
+    """Sample JPEGs, their stored bytes unchanged, as ``root/{train,val}/<class>/<n>.jpg``; (path, label) per split."""
+    payload = torch.load(SAMPLE_FILE, weights_only=True)
+    written: dict[str, list[tuple[Path, int]]] = {}
+    for split, source, count in (("train", "train", TRAIN), ("val", "test", VAL)):
+        data, offsets, labels = payload[f"{source}_bytes"], payload[f"{source}_offsets"], payload[f"{source}_labels"]
+        written[split] = []
+        for i in range(count):
+            j = i * len(labels) // count  # evenly spaced: the file is sorted by class
+            label = int(labels[j])
+            folder = root / split / payload["classes"][label]
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{j:05d}.jpg"
+            path.write_bytes(data[int(offsets[j]) : int(offsets[j + 1])].numpy().tobytes())
+            written[split].append((path, label))
+    (root / "train" / "airplane" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    return written
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """(source folder, chunks folder, prepare-data's stdout): the CLI run once for the whole module."""
+    tmp = tmp_path_factory.mktemp("streaming")
+    _write_sample_folder(tmp / "src")
+    cmd = [sys.executable, "-m", "lightning_mim", "prepare-data", str(tmp / "src"), str(tmp / "dst")]
+    result = subprocess.run(
+        [*cmd, "--chunk-bytes", "20KB", "--num-workers", "2"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipping unreadable image" in result.stderr and "broken.jpg" in result.stderr
+    return tmp / "src", tmp / "dst", result.stdout
+
+
+def test_prepare_data_writes_encoded_bytes_labels_and_ids(prepared: tuple[Path, Path, str]) -> None:
+    src, dst, stdout = prepared
+    assert "train: 200 images (1 unreadable skipped, 10 classes)" in stdout
+    assert "val: 50 images (0 unreadable skipped, 10 classes)" in stdout
+    assert f"--data.init_args.input_dir {dst}" in stdout
+    chunks = json.loads((dst / "train" / "index.json").read_text())["chunks"]
+    assert len(chunks) > 5 and sum(c["chunk_size"] for c in chunks) == TRAIN  # ~20 KB chunks of ~1 KB JPEGs
+
+    # the raw items: the file's bytes as they are, the sorted class index, the position in the scan
+    raw = litdata.StreamingDataset(str(dst / "train"))
+    items = [raw[i] for i in range(len(raw))]
+    files = sorted(p for p in (src / "train").rglob("*.jpg") if p.name != "broken.jpg")
+    classes = sorted(d.name for d in (src / "train").iterdir())
+    scan = sorted([*files, src / "train" / "airplane" / "broken.jpg"], key=lambda p: (p.parent.name, p.name))
+    by_id = {item["id"]: item for item in items}
+    assert sorted(by_id) == [i for i, p in enumerate(scan) if p.name != "broken.jpg"]
+    for index, path in enumerate(scan):
+        if path.name != "broken.jpg":
+            assert bytes(by_id[index]["image"]) == path.read_bytes()
+            assert by_id[index]["label"] == classes.index(path.parent.name)
+
+
+def test_prepare_data_flat_folder_has_no_labels_and_no_val(tmp_path: Path) -> None:
+    _write_sample_folder(tmp_path / "src")
+    flat = tmp_path / "src" / "train" / "bird"  # images directly in the folder
+    summary = prepare_streaming_data(flat, str(tmp_path / "dst"), num_workers=1)
+    assert list(summary) == ["train"] and summary["train"].images == 20 and summary["train"].classes == 0
+    data = StreamingDataModule(str(tmp_path / "dst"), batch_size=4, num_workers=0, train_views=_crop, eval_views=_crop)
+    data.setup("fit")
+    assert data.val_set is None and data.knn_datasets() is None
+    assert {int(batch["labels"].unique()) for batch in data.train_dataloader()} == {-1}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        prepare_streaming_data(tmp_path / "empty", str(tmp_path / "dst_empty"))
+    with pytest.raises(FileNotFoundError, match="image folder not found"):
+        prepare_streaming_data(tmp_path / "missing", str(tmp_path / "dst2"))
+
+
+def _crop(image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Random 16-px crops and flips: the views depend on the RNG state they are drawn under."""
+    return {"images": v2.RandomHorizontalFlip()(v2.RandomCrop(16)(image))}
+
+
+def _epochs(dst: Path, batch_size: int, workers: int, seed: int = 5, epochs: int = 2) -> list[list[list[dict]]]:
+    """For each epoch, each of 2 ranks' batches, from one StreamingDataModule per rank."""
+    loaders = []
+    for rank in range(2):
+        data = StreamingDataModule(
+            str(dst), batch_size=batch_size, num_workers=workers, train_views=_crop, eval_views=_crop
+        )
+        data.trainer = SimpleNamespace(world_size=2, global_rank=rank, num_nodes=1)  # type: ignore[assignment]
+        data.seed = seed
+        data.setup("fit")
+        loaders.append(data.train_dataloader())
+    return [[list(loader) for loader in loaders] for _ in range(epochs)]
+
+
+def test_every_image_once_per_epoch_across_2_ranks_x_2_workers(prepared: tuple[Path, Path, str]) -> None:
+    dst = prepared[1]
+    run = _epochs(dst, batch_size=10, workers=2)
+    orders = []
+    for ranks in run:
+        ids = [batch["ids"].tolist() for batches in ranks for batch in batches]
+        assert [len(batches) for batches in ranks] == [10, 10]  # 200 images: 20 batches of 10, half per rank
+        assert all(len(batch) == 10 for batch in ids)
+        flat = [i for batch in ids for i in batch]
+        assert sorted(flat) == sorted(set(flat)) and len(flat) == TRAIN  # each image exactly once
+        orders.append(flat)
+    assert orders[0] != orders[1]  # a new order every epoch ...
+    again = _epochs(dst, batch_size=10, workers=2)
+    for ranks, ranks_again in zip(run, again, strict=True):  # ... the same one in every run with this seed
+        for batches, batches_again in zip(ranks, ranks_again, strict=True):
+            for a, b in zip(batches, batches_again, strict=True):
+                assert torch.equal(a["ids"], b["ids"]) and torch.equal(a["images"], b["images"])
+
+    # views depend on (seed, epoch, image) only: one worker per rank deals the images differently, same views
+    def views(run: list[list[list[dict]]]) -> dict[tuple[int, int], torch.Tensor]:
+        return {
+            (epoch, int(i)): image
+            for epoch, ranks in enumerate(run)
+            for batches in ranks
+            for batch in batches
+            for i, image in zip(batch["ids"], batch["images"], strict=True)
+        }
+
+    single = views(_epochs(dst, batch_size=10, workers=0))
+    double = views(run)
+    assert single.keys() == double.keys()
+    assert all(torch.equal(single[key], double[key]) for key in single)
+    assert not torch.equal(double[(0, 3)], double[(1, 3)])  # and change from epoch to epoch
+    assert _epochs(dst, batch_size=10, workers=2, seed=6, epochs=1)[0][0][0]["ids"].tolist() != orders[0][:10]
+
+
+def test_batch_size_that_does_not_divide_leaves_out_the_rest(prepared: tuple[Path, Path, str]) -> None:
+    # 200 images, batch 8, 2 ranks: 25 batches, 12 per rank (all full); 8 images sit out each epoch
+    raw = litdata.StreamingDataset(str(prepared[1] / "train"))
+    every = {raw[i]["id"] for i in range(len(raw))}
+    left_out = []
+    for ranks in _epochs(prepared[1], batch_size=8, workers=2):
+        assert [len(batches) for batches in ranks] == [12, 12]
+        flat = [int(i) for batches in ranks for batch in batches for i in batch["ids"]]
+        assert len(flat) == len(set(flat)) == 192
+        left_out.append(every - set(flat))
+    assert all(len(ids) == 8 for ids in left_out) and left_out[0] != left_out[1]
+
+
+class _Record(pl.Callback):
+    """Every training batch's (global step, ids, image checksum)."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, list[int], float]] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, *args: Any) -> None:
+        checksum = float(batch["images"].double().mul(1.0001).sum())
+        self.batches.append((trainer.global_step, batch["ids"].tolist(), checksum))
+
+
+class _Crash(pl.Callback):
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.at:
+            raise RuntimeError("simulated crash")
+
+
+class _Linear(pl.LightningModule):
+    """A linear model on the views: its weights depend on every batch, its order and its views."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(3 * 16 * 16, 4)
+
+    def train_views(self) -> Any:
+        return _crop
+
+    def eval_views(self) -> Any:
+        return lambda image: {"images": image[:, :16, :16]}
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return (self.net(batch["images"].float().flatten(1) / 255.0) - 1.0).pow(2).mean()
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def _fit(dst: Path, tmp: Path, workers: int, callbacks: list[pl.Callback], ckpt_path: str | None = None) -> _Linear:
+    pl.seed_everything(11)
+    module = _Linear()
+    data = StreamingDataModule(str(dst), batch_size=8, num_workers=workers)  # 25 steps per epoch
+    checkpoint = ModelCheckpoint(dirpath=tmp, every_n_train_steps=5, save_last=True)
+    trainer = cpu_trainer(
+        max_epochs=2, limit_val_batches=0, enable_checkpointing=True, callbacks=[checkpoint, *callbacks]
+    )
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return module
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_matches_uninterrupted(workers: int, prepared: tuple[Path, Path, str], tmp_path: Path) -> None:
+    dst = prepared[1]
+    reference_batches = _Record()
+    reference = _fit(dst, tmp_path / "a", workers, [reference_batches])
+    assert len(reference_batches.batches) == 50
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _fit(dst, tmp_path / "b", workers, [_Crash(at=32)])  # last.ckpt at step 30: epoch 1, batch 5 of 25
+    state = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 30 and state["StreamingDataModule"] == {"seed": 11}
+    (loader_state,) = state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader_state["current_epoch"] == 2 and loader_state["num_samples_yielded"] == 5 * 8
+
+    resumed_batches = _Record()
+    resumed = _fit(dst, tmp_path / "b", workers, [resumed_batches], ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    # the same batches (images, order and views) from step 30 on: nothing repeated, nothing skipped
+    assert resumed_batches.batches == reference_batches.batches[30:]
+    torch.testing.assert_close(resumed.net.weight, reference.net.weight, atol=1e-6, rtol=0)
+
+
+def test_method_trains_validates_and_monitors_knn(prepared: tuple[Path, Path, str]) -> None:
+    pl.seed_everything(0)
+    module, _ = tiny_method("conmim")  # 32-px images
+    data = StreamingDataModule(str(prepared[1]), batch_size=8, num_workers=0)
+    knn = OnlineKNN(k=5, batch_size=64)
+    trainer = cpu_trainer(max_steps=3, limit_val_batches=2, val_check_interval=3, callbacks=[knn])
+    trainer.fit(module, data)
+    assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["train/loss"])
+    bank, queries = data.knn_datasets()  # type: ignore[misc]
+    assert (len(bank), len(queries)) == (TRAIN, VAL)  # type: ignore[arg-type]
+    assert [step for step, _ in knn.history] == [0, 3] and 0.0 <= knn.history[-1][1] <= 100.0
+
+
+def test_cli_fits_a_quickstart_config_on_streamed_data(prepared: tuple[Path, Path, str], tmp_path: Path) -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightning_mim",
+        "fit",
+        "--config",
+        str(ROOT / "configs/quickstart/conmim.yaml"),
+        "--data.class_path",
+        "lightning_mim.data.StreamingDataModule",
+        "--data.init_args.input_dir",
+        str(prepared[1]),
+        "--data.init_args.batch_size",
+        "16",
+        "--data.init_args.num_workers",
+        "0",
+        "--trainer.max_steps",
+        "2",
+        "--trainer.logger",
+        "false",
+        "--trainer.precision",
+        "32-true",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "`Trainer.fit` stopped: `max_steps=2` reached" in result.stdout + result.stderr
