@@ -109,14 +109,17 @@ def _crop(image: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"images": v2.RandomHorizontalFlip()(v2.RandomCrop(16)(image))}
 
 
-def _epochs(dst: Path, batch_size: int, workers: int, seed: int = 5, epochs: int = 2) -> list[list[list[dict]]]:
-    """For each epoch, each of 2 ranks' batches, from one StreamingDataModule per rank."""
+def _epochs(
+    dst: Path, batch_size: int, workers: int, seed: int = 5, epochs: int = 2, start: int = 0
+) -> list[list[list[dict]]]:
+    """For each epoch from ``start``, each of 2 ranks' batches, from one StreamingDataModule per rank."""
     loaders = []
     for rank in range(2):
         data = StreamingDataModule(
             str(dst), batch_size=batch_size, num_workers=workers, train_views=_crop, eval_views=_crop
         )
-        data.trainer = SimpleNamespace(world_size=2, global_rank=rank, num_nodes=1)  # type: ignore[assignment]
+        trainer = SimpleNamespace(world_size=2, global_rank=rank, num_nodes=1, current_epoch=start)
+        data.trainer = trainer  # type: ignore[assignment]
         data.seed = seed
         data.setup("fit")
         loaders.append(data.train_dataloader())
@@ -135,6 +138,8 @@ def test_every_image_once_per_epoch_across_2_ranks_x_2_workers(prepared: tuple[P
         assert sorted(flat) == sorted(set(flat)) and len(flat) == TRAIN  # each image exactly once
         orders.append(flat)
     assert orders[0] != orders[1]  # a new order every epoch ...
+    classes = [len(set(batch["labels"].tolist())) for batches in run[0] for batch in batches]
+    assert sum(classes) / len(classes) > 5  # written in random order: batches mix the 10 classes (6.5 expected)
     again = _epochs(dst, batch_size=10, workers=2)
     for ranks, ranks_again in zip(run, again, strict=True):  # ... the same one in every run with this seed
         for batches, batches_again in zip(ranks, ranks_again, strict=True):
@@ -157,6 +162,9 @@ def test_every_image_once_per_epoch_across_2_ranks_x_2_workers(prepared: tuple[P
     assert all(torch.equal(single[key], double[key]) for key in single)
     assert not torch.equal(double[(0, 3)], double[(1, 3)])  # and change from epoch to epoch
     assert _epochs(dst, batch_size=10, workers=2, seed=6, epochs=1)[0][0][0]["ids"].tolist() != orders[0][:10]
+    # a loader made at epoch 1 (reload_dataloaders_every_n_epochs) continues with epoch 1's order
+    later = _epochs(dst, batch_size=10, workers=2, epochs=1, start=1)[0]
+    assert [int(i) for batches in later for batch in batches for i in batch["ids"]] == orders[1]
 
 
 def test_batch_size_that_does_not_divide_leaves_out_the_rest(prepared: tuple[Path, Path, str]) -> None:
@@ -224,24 +232,31 @@ def _fit(dst: Path, tmp: Path, workers: int, callbacks: list[pl.Callback], ckpt_
     return module
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_mid_epoch_matches_uninterrupted(workers: int, prepared: tuple[Path, Path, str], tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("workers", "crash", "saved"),
+    [(0, 32, 30), (2, 32, 30), (2, 27, 25)],  # last.ckpt mid-epoch 1 (batch 5 of 25) or after epoch 0's last batch
+)
+def test_resume_matches_uninterrupted(
+    workers: int, crash: int, saved: int, prepared: tuple[Path, Path, str], tmp_path: Path
+) -> None:
     dst = prepared[1]
     reference_batches = _Record()
     reference = _fit(dst, tmp_path / "a", workers, [reference_batches])
     assert len(reference_batches.batches) == 50
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _fit(dst, tmp_path / "b", workers, [_Crash(at=32)])  # last.ckpt at step 30: epoch 1, batch 5 of 25
+        _fit(dst, tmp_path / "b", workers, [_Crash(at=crash)])
     state = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
-    assert state["global_step"] == 30 and state["StreamingDataModule"] == {"seed": 11}
+    assert state["global_step"] == saved and state["StreamingDataModule"] == {"seed": 11}
     (loader_state,) = state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
-    assert loader_state["current_epoch"] == 2 and loader_state["num_samples_yielded"] == 5 * 8
+    # litdata's epoch (from 1) and the samples this rank consumed of it, the saved step's batch included
+    expected = ((saved - 1) // 25 + 1, ((saved - 1) % 25 + 1) * 8)
+    assert (loader_state["current_epoch"], loader_state["num_samples_yielded"]) == expected
 
     resumed_batches = _Record()
     resumed = _fit(dst, tmp_path / "b", workers, [resumed_batches], ckpt_path=str(tmp_path / "b" / "last.ckpt"))
-    # the same batches (images, order and views) from step 30 on: nothing repeated, nothing skipped
-    assert resumed_batches.batches == reference_batches.batches[30:]
+    # the same batches (images, order and views) from the saved step on: nothing repeated, nothing skipped
+    assert resumed_batches.batches == reference_batches.batches[saved:]
     torch.testing.assert_close(resumed.net.weight, reference.net.weight, atol=1e-6, rtol=0)
 
 

@@ -109,8 +109,8 @@ class PreparedSplit:
         output: Where the chunks are (a folder or a URL).
         images: Images written.
         skipped: Files with an image ending that did not decode (named in warnings), not written.
-        classes: Class sub-folders (0: no labels, every image has label -1).
-        bytes: Size of the chunks.
+        classes: Class sub-folders (labels 0..classes-1; images outside them have label -1).
+        nbytes: Size of the chunks in bytes.
         chunks: Number of chunk files.
         seconds: Wall time of the split.
     """
@@ -120,7 +120,7 @@ class PreparedSplit:
     images: int
     skipped: int
     classes: int
-    bytes: int
+    nbytes: int
     chunks: int
     seconds: float
 
@@ -150,6 +150,7 @@ def prepare_streaming_data(
     num_workers: int | None = None,
     chunk_bytes: int | str = "64MB",
     overwrite: bool = False,
+    shuffle: bool = True,
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
     storage_options: dict[str, Any] | None = None,
     verbose: bool = False,
@@ -160,8 +161,11 @@ def prepare_streaming_data(
     folder, it becomes ``dst/train`` and ``src/<val_dir>`` (if present) ``dst/val``; otherwise ``src``
     itself is the training set. Inside a split, images in class sub-folders get the sorted class
     index as label and images directly in the folder -1, and each image's ``id`` is its position in
-    that scan (:class:`~lightning_mim.data.ImageFolderDataset`'s order). Every file is decoded once
-    to check it; files that do not decode are named in a warning, counted and left out.
+    that scan (:class:`~lightning_mim.data.ImageFolderDataset`'s order). The images are written in
+    a fixed random order: litdata shuffles chunks and the items inside each chunk, and a batch comes
+    from one or two chunks, so chunks written in scan order would make every batch nearly one class.
+    Every file is decoded once to check it; files that do not decode are named in a warning, counted
+    and left out.
 
     Args:
         src: Image folder (ImageFolder layout or a flat folder of images).
@@ -172,6 +176,7 @@ def prepare_streaming_data(
         chunk_bytes: Target chunk size, bytes or a string such as ``"64MB"`` (litdata's default; a few
             hundred ImageNet JPEGs per chunk).
         overwrite: Replace chunks already at the output (otherwise that is an error).
+        shuffle: Write the images in a random order (seed 0); off: scan order.
         extensions: File endings counted as images (case-insensitive).
         storage_options: Object-store options passed to litdata (endpoint, credentials).
         verbose: Let litdata print its progress.
@@ -191,6 +196,7 @@ def prepare_streaming_data(
         splits["train"] = src / train_dir
         if (src / val_dir).is_dir():
             splits["val"] = src / val_dir
+    dst = dst if "://" in dst else str(Path(dst).expanduser())
     if isinstance(chunk_bytes, str) and chunk_bytes.isdigit():
         chunk_bytes = int(chunk_bytes)
     summary = {}
@@ -198,7 +204,15 @@ def prepare_streaming_data(
     try:
         for name, folder in splits.items():
             summary[name] = _prepare_split(
-                folder, _join(dst, name), num_workers, chunk_bytes, overwrite, extensions, storage_options, verbose
+                folder,
+                _join(dst, name),
+                num_workers,
+                chunk_bytes,
+                overwrite,
+                shuffle,
+                extensions,
+                storage_options,
+                verbose,
             )
     finally:  # litdata sets the global start method (spawn); the caller's DataLoaders keep theirs
         multiprocessing.set_start_method(start_method, force=True)
@@ -211,6 +225,7 @@ def _prepare_split(
     num_workers: int | None,
     chunk_bytes: int | str,
     overwrite: bool,
+    shuffle: bool,
     extensions: tuple[str, ...],
     storage_options: dict[str, Any] | None,
     verbose: bool,
@@ -219,9 +234,13 @@ def _prepare_split(
     if not samples:
         raise ValueError(f"no images ({', '.join(extensions)}) found under {_where(folder)}")
     start = time.perf_counter()
+    inputs = [(path, label, index) for index, (path, label) in enumerate(samples)]
+    if shuffle:
+        order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(0)).tolist()
+        inputs = [inputs[i] for i in order]
     litdata.optimize(
         fn=_encode,
-        inputs=[(path, label, index) for index, (path, label) in enumerate(samples)],
+        inputs=inputs,
         output_dir=output,
         chunk_bytes=chunk_bytes,
         num_workers=min(num_workers or os.cpu_count() or 1, len(samples)),
@@ -246,7 +265,7 @@ def _prepare_split(
         images=written,
         skipped=len(samples) - written,
         classes=len(classes),
-        bytes=sum(int(chunk["chunk_bytes"]) for chunk in chunks),
+        nbytes=sum(int(chunk["chunk_bytes"]) for chunk in chunks),
         chunks=len(chunks),
         seconds=time.perf_counter() - start,
     )
@@ -269,6 +288,9 @@ def prepare_data_main(argv: Sequence[str]) -> None:
     parser.add_argument("--num-workers", type=int, default=None, help="writer processes (default: CPU cores)")
     parser.add_argument("--chunk-bytes", default="64MB", help="target chunk size (default: 64MB)")
     parser.add_argument("--overwrite", action="store_true", help="replace chunks already at DST")
+    parser.add_argument(
+        "--scan-order", action="store_true", help="write the images in folder order (default: a fixed random order)"
+    )
     parser.add_argument("--verbose", action="store_true", help="show litdata's progress")
     options = parser.parse_args(list(argv))
     try:
@@ -280,6 +302,7 @@ def prepare_data_main(argv: Sequence[str]) -> None:
             num_workers=options.num_workers,
             chunk_bytes=options.chunk_bytes,
             overwrite=options.overwrite,
+            shuffle=not options.scan_order,
             verbose=options.verbose,
         )
     except (FileNotFoundError, ValueError) as err:
@@ -288,7 +311,7 @@ def prepare_data_main(argv: Sequence[str]) -> None:
         labels = f"{split.classes} classes" if split.classes else "no labels"
         print(
             f"{name}: {split.images} images ({split.skipped} unreadable skipped, {labels}) from {split.source} "
-            f"-> {split.output}: {split.chunks} chunks, {split.bytes / 1e6:.1f} MB, {split.seconds:.1f} s"
+            f"-> {split.output}: {split.chunks} chunks, {split.nbytes / 1e6:.1f} MB, {split.seconds:.1f} s"
         )
     print(
         "stream it with: lightning-mim fit --config CONFIG --data.class_path "
@@ -512,8 +535,10 @@ class StreamingDataModule(_ViewsDataModule):
     def train_dataloader(self) -> litdata.StreamingDataLoader:
         assert isinstance(self.train_set, _Indexed), "call setup() first"
         trainer = self.trainer
-        world_size, rank, num_nodes = (
-            (trainer.world_size, trainer.global_rank, trainer.num_nodes) if trainer is not None else (1, 0, 1)
+        world_size, rank, num_nodes, epoch = (
+            (trainer.world_size, trainer.global_rank, trainer.num_nodes, trainer.current_epoch)
+            if trainer is not None
+            else (1, 0, 1, 0)
         )
         dataset = self._dataset(
             self.train_set.dataset.input_path,
@@ -525,12 +550,17 @@ class StreamingDataModule(_ViewsDataModule):
             rank=rank,
             num_nodes=num_nodes,
         )
-        return litdata.StreamingDataLoader(
+        loader = litdata.StreamingDataLoader(
             dataset,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
         )
+        # the loader counts epochs from its creation and starts each iteration by adding one: a loader made
+        # at a later epoch (``reload_dataloaders_every_n_epochs``) continues the count instead of repeating
+        # epoch 1's order. A checkpoint's loader state, loaded after this, sets it when resuming.
+        loader.current_epoch = epoch
+        return loader
 
     @override
     def state_dict(self) -> dict[str, Any]:
