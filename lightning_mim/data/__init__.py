@@ -1,14 +1,14 @@
 """Data: image-folder, streaming and bundled-sample data modules, robust datasets, view transforms.
 
 The streaming names (``StreamingDataModule``, ``StreamingImageDataset``, ``prepare_streaming_data``,
-``PreparedSplit``, ``decode_rgb_bytes``) are imported on first use: they need litdata, the
+``PreparedSplit``) are imported on first use: they need litdata, the
 ``streaming`` extra.
 """
 
 from typing import Any
 
 from lightning_mim.data.datamodule import ImageNetDataModule, SampleDataModule, load_sample
-from lightning_mim.data.folder import ImageFolderDataset, TensorImageDataset, decode_rgb
+from lightning_mim.data.folder import ImageFolderDataset, TensorImageDataset, decode_rgb, decode_rgb_bytes
 from lightning_mim.data.sampling import ResumableSampler
 from lightning_mim.data.views import (
     ClassificationViews,
@@ -37,6 +37,7 @@ __all__ = [
     "TensorImageDataset",
     "TwoCropViews",
     "decode_rgb",
+    "decode_rgb_bytes",
     "load_sample",
     "normalize",
 ]
@@ -45,7 +46,6 @@ _STREAMING = (
     "PreparedSplit",
     "StreamingDataModule",
     "StreamingImageDataset",
-    "decode_rgb_bytes",
     "prepare_streaming_data",
 )
 

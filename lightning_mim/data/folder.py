@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections.abc import Callable
@@ -22,23 +23,22 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 ViewFn = Callable[[Tensor], dict[str, Tensor]]
 
 
-def decode_rgb(path: str | Path) -> Tensor:
-    """Reads an image file as uint8 RGB (3, H, W); grayscale, RGBA, CMYK and palettes are converted.
+def decode_rgb_bytes(data: bytes | bytearray | memoryview) -> Tensor:
+    """Encoded image bytes as uint8 RGB (3, H, W); grayscale, RGBA, CMYK and palettes are converted.
 
     libjpeg-turbo/libpng through torchvision first, Pillow for the formats torchvision lacks. A 16-bit
     PNG is reduced to 8 bits and an animated GIF to its first frame, so every image suits the views.
 
     Raises:
-        ValueError: The file is empty.
-        OSError: Neither decoder reads the file (truncated, not an image, unknown format).
+        ValueError: ``data`` is empty.
+        OSError: Neither decoder reads it (truncated, not an image, unknown format).
     """
-    data = Path(path).read_bytes()
-    if not data:
+    if not len(data):
         raise ValueError("empty file")
     try:
         image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(bytes(data))) as img:
             img.load()
             image = pil_to_tensor(img.convert("RGB"))
     if image.ndim == 4:  # an animated GIF: (frames, 3, H, W)
@@ -46,6 +46,11 @@ def decode_rgb(path: str | Path) -> Tensor:
     if image.dtype == torch.uint16:  # a 16-bit PNG
         image = (image.to(torch.int32) >> 8).to(torch.uint8)
     return image
+
+
+def decode_rgb(path: str | Path) -> Tensor:
+    """Reads an image file as uint8 RGB (3, H, W), as :func:`decode_rgb_bytes`."""
+    return decode_rgb_bytes(Path(path).read_bytes())
 
 
 def _scan(root: Path, extensions: tuple[str, ...]) -> tuple[list[str], list[tuple[str, int]]]:

@@ -25,7 +25,6 @@ Needs the ``streaming`` extra: ``pip install "lightning-mim[streaming]"``.
 from __future__ import annotations
 
 import argparse
-import io
 import multiprocessing
 import os
 import sys
@@ -37,11 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms.v2.functional import pil_to_tensor
 from typing_extensions import override
 
 try:
@@ -54,14 +50,13 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 from lightning_mim._rng import _MIX, _MOD, stream_seed
 from lightning_mim.data.datamodule import _ViewsDataModule
-from lightning_mim.data.folder import IMAGE_EXTENSIONS, _scan, _where
+from lightning_mim.data.folder import IMAGE_EXTENSIONS, _scan, _where, decode_rgb_bytes
 from lightning_mim.data.sampling import _VIEW_STREAM, apply_seeded
 
 __all__ = [
     "PreparedSplit",
     "StreamingDataModule",
     "StreamingImageDataset",
-    "decode_rgb_bytes",
     "prepare_streaming_data",
 ]
 
@@ -69,31 +64,6 @@ ViewFn = Callable[[Tensor], dict[str, Tensor]]
 # Distance between an image's view seeds in consecutive epochs. torch seeds its CPU generator with the low
 # 32 bits of a seed only, so it must be odd there (a multiple of 2**32 would repeat the views every epoch).
 _EPOCH_STRIDE = _MIX
-
-
-def decode_rgb_bytes(data: bytes | bytearray | memoryview) -> Tensor:
-    """Encoded image bytes as uint8 RGB (3, H, W), converted like :func:`~lightning_mim.data.decode_rgb`.
-
-    libjpeg-turbo/libpng through torchvision first, Pillow for the formats torchvision lacks; an
-    animated GIF gives its first frame and a 16-bit PNG is reduced to 8 bits.
-
-    Raises:
-        ValueError: ``data`` is empty.
-        OSError: Neither decoder reads it.
-    """
-    if not len(data):
-        raise ValueError("empty image")
-    try:
-        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError:
-        with Image.open(io.BytesIO(bytes(data))) as img:
-            img.load()
-            image = pil_to_tensor(img.convert("RGB"))
-    if image.ndim == 4:  # an animated GIF: (frames, 3, H, W)
-        image = image[0]
-    if image.dtype == torch.uint16:  # a 16-bit PNG
-        image = (image.to(torch.int32) >> 8).to(torch.uint8)
-    return image
 
 
 # ---------------------------------------------------------------------------------------------------
