@@ -8,9 +8,27 @@ from typing import Any
 import numpy as np
 import torch
 
-_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant (golden ratio) to spread nearby seeds apart
 _MOD = 2**63 - 1
 _GLOBAL_STREAM = 0x474C  # offset of the stream that seeds torch's global generators ("GL")
+
+
+_MASK64 = 2**64 - 1
+
+
+def mix_seed(*parts: int) -> int:
+    """A seed in [0, 2^63 - 1) that depends on every part, with nearby inputs far apart in every bit.
+
+    SplitMix64's finaliser over the parts in turn. Seeds made by adding a counter (``seed + step``)
+    differ only in their low bits, and torch's CPU generator keeps only the low 32 bits of a seed, so
+    every derived seed goes through this.
+    """
+    x = 0
+    for part in parts:
+        x = (x ^ (int(part) & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        x ^= x >> 31
+    return x % _MOD
 
 
 def stream_seed(stream: int, rank: int = 0, base: int | None = None) -> int:
@@ -21,7 +39,7 @@ def stream_seed(stream: int, rank: int = 0, base: int | None = None) -> int:
     streams, and ranks draw different ones.
     """
     base = torch.initial_seed() if base is None else base
-    return (base * _MIX + stream * 1_000_003 + rank * 7_919) % _MOD
+    return mix_seed(base, stream, rank)
 
 
 def make_generator(
@@ -55,7 +73,7 @@ class CountedStream:
         generator = self._generators.get(device)
         if generator is None:
             generator = self._generators[device] = torch.Generator(device=device)
-        generator.manual_seed((stream_seed(self.stream, rank, self.base) + self.count) % _MOD)
+        generator.manual_seed(mix_seed(stream_seed(self.stream, rank, self.base), self.count))
         self.count += 1
         return generator
 
@@ -74,7 +92,7 @@ class CountedStream:
         """
         if self.base is None:
             self.base = torch.initial_seed()
-        seed = (stream_seed(self.stream + _GLOBAL_STREAM, rank, self.base) + self.count) % _MOD
+        seed = mix_seed(stream_seed(self.stream + _GLOBAL_STREAM, rank, self.base), self.count)
         torch.manual_seed(seed)
         np.random.seed(seed % 2**32)
         random.seed(seed)

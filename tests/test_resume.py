@@ -190,3 +190,26 @@ def test_method_resumes_exactly_mid_epoch(tmp_path: Path) -> None:
     last = tmp_path / "b" / "last.ckpt"
     assert torch.load(last, weights_only=True)["SampleDataModule"]["batches_done"] == 3
     _assert_same_state(reference, _fit_method("conmim", tmp_path / "b", [], ckpt_path=str(last), every=3))
+
+
+def test_derived_seeds_are_decorrelated() -> None:
+    """Seeds made from a counter (one per step, per image) must not give related random draws.
+
+    With plain ``seed + step`` the VQ tokenizer's per-step codebook restarts drew related picks and its
+    codebook collapsed; ``mix_seed`` spreads every input bit over the seed's low 32 bits, which are all
+    torch's CPU generator uses.
+    """
+    from lightning_mim._rng import CountedStream, mix_seed
+
+    seeds = [mix_seed(12345, step) for step in range(4096)]
+    low = torch.tensor([s & 0xFFFFFFFF for s in seeds], dtype=torch.float64)
+    assert len({s & 0xFFFFFFFF for s in seeds}) == 4096
+    centred = low - low.mean()
+    lag1 = float((centred[1:] * centred[:-1]).mean() / centred.var())
+    assert abs(lag1) < 0.05
+    assert mix_seed(1, 2) != mix_seed(2, 1)
+    stream = CountedStream(7)
+    stream.base = 3
+    picks = [torch.randint(0, 2048, (64,), generator=stream.next(0)) for _ in range(200)]
+    same = sum(int((a == b).sum()) for a, b in zip(picks[1:], picks[:-1], strict=True))
+    assert same < 0.01 * 64 * 199 + 20  # consecutive draws agree only by chance (1/2048 per pick)

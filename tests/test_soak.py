@@ -17,9 +17,13 @@ since the workers are persistent) and its open file descriptors (``/proc/<pid>/f
 longer when the first validation (step 250) ends later: it starts the validation loader's persistent worker,
 a third process of ~600 MiB RSS and ~25 descriptors, once. After warm-up, resident memory must stay within
 10% of its value at the end of warm-up, no process may be added, and the descriptor count at the end must be
-at most the count at the end of warm-up + 2.
+at most the count at the end of warm-up + 2. Single samples vary (validation adds up to ~100 MiB to the CLI
+process for a few seconds; a checkpoint, CSV or PNG being written, 1-3 descriptors), so "at the end of
+warm-up" is the median of the first 10 samples after it and "at the end" the median of the last 10 samples
+before the loader workers shut down.
 
-Run with ``pytest -m slow tests/test_soak.py -s`` (prints the samples); 10-15 minutes on 2 shared CPU cores.
+Run with ``pytest -m slow tests/test_soak.py -s`` (prints the samples): 10 minutes on 2 CPU cores, 25 when
+other jobs share them.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 
 import pytest
 import torch
@@ -42,6 +47,7 @@ TIMEOUT_S = 40 * 60
 WARMUP_FRACTION = 0.2
 RSS_TOLERANCE = 0.10
 FD_SLACK = 2
+WINDOW = 10  # samples whose median is "the value at the end of warm-up" / "at the end"
 
 pytestmark = [
     pytest.mark.slow,
@@ -118,6 +124,30 @@ def row(s: Sample) -> str:
     return f"{s.t:7.1f} {s.rss_mib:10.1f} {s.main_rss_mib:9.1f} {s.fds:5d} {s.procs:5d}"
 
 
+def assert_steady(samples: list[Sample], duration: float, first_validation_s: float) -> None:
+    """Resident memory, processes and open files after warm-up stay at their end-of-warm-up values."""
+    warmup_s = max(WARMUP_FRACTION * duration, first_validation_s)
+    warm = [s for s in samples if s.t >= warmup_s]
+    assert len(warm) >= 3 * WINDOW, f"too few samples after warm-up ({warmup_s:.0f} s): {len(warm)}"
+    procs = warm[0].procs
+    assert max(s.procs for s in warm) <= procs, "processes were added after warm-up"
+    running = [s for s in warm if s.procs == procs]  # not the shut-down of the loader workers at the end
+    first, last = running[:WINDOW], running[-WINDOW:]
+    rss_warm, fds_warm = median(s.rss_mib for s in first), median(s.fds for s in first)
+    rss_end, fds_end = median(s.rss_mib for s in last), median(s.fds for s in last)
+    peak = max(warm, key=lambda s: s.rss_mib)
+    print(
+        f"warm-up end t={first[0].t:.0f} s (20%: {WARMUP_FRACTION * duration:.0f} s, first validation: "
+        f"{first_validation_s:.0f} s): rss {rss_warm:.1f} MiB, {fds_warm:.0f} fds, {procs} procs; "
+        f"max after: {peak.rss_mib:.1f} MiB at t={peak.t:.0f} s; "
+        f"end t={last[-1].t:.0f} s: rss {rss_end:.1f} MiB, {fds_end:.0f} fds"
+    )
+    assert peak.rss_mib <= (1 + RSS_TOLERANCE) * rss_warm, (
+        f"resident memory grew after warm-up: {rss_warm:.1f} -> {peak.rss_mib:.1f} MiB"
+    )
+    assert fds_end <= fds_warm + FD_SLACK, f"open files grew: {fds_warm} -> {fds_end}"
+
+
 def test_conmim_quickstart_soak_memory_and_open_files_stay_flat(tmp_path: Path) -> None:
     csv_logger = (
         '[{"class_path": "lightning.pytorch.loggers.CSVLogger",'
@@ -160,22 +190,7 @@ def test_conmim_quickstart_soak_memory_and_open_files_stay_flat(tmp_path: Path) 
     print(f"soak: {STEPS} steps in {duration:.0f} s, {len(samples)} samples every {INTERVAL_S:.0f} s")
 
     assert first_validation_s is not None, "no validation reported"
-    warmup_s = max(WARMUP_FRACTION * duration, first_validation_s)
-    warm = [s for s in samples if s.t >= warmup_s]
-    assert len(warm) >= 10, f"too few samples after warm-up ({warmup_s:.0f} s): {len(warm)}"
-    baseline, end = warm[0], warm[-1]
-    peak = max(warm, key=lambda s: s.rss_mib)
-    print(
-        f"warm-up end t={baseline.t:.0f} s (20%: {WARMUP_FRACTION * duration:.0f} s, first validation: "
-        f"{first_validation_s:.0f} s): rss {baseline.rss_mib:.1f} MiB, {baseline.fds} fds, {baseline.procs} procs; "
-        f"max after: {peak.rss_mib:.1f} MiB at t={peak.t:.0f} s; "
-        f"end t={end.t:.0f} s: rss {end.rss_mib:.1f} MiB, {end.fds} fds"
-    )
-    assert peak.rss_mib <= (1 + RSS_TOLERANCE) * baseline.rss_mib, (
-        f"resident memory grew after warm-up: {baseline.rss_mib:.1f} -> {peak.rss_mib:.1f} MiB"
-    )
-    assert max(s.procs for s in warm) <= baseline.procs, "processes were added after warm-up"
-    assert end.fds <= baseline.fds + FD_SLACK, f"open files grew: {baseline.fds} -> {end.fds}"
+    assert_steady(samples, duration, first_validation_s)
 
     checkpoint = tmp_path / "runs/quickstart/conmim/checkpoints/last.ckpt"
     assert torch.load(checkpoint, weights_only=True)["global_step"] == STEPS

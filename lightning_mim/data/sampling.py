@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from lightning_mim._rng import _MOD, stream_seed
+from lightning_mim._rng import mix_seed, stream_seed
 
 __all__ = ["ResumableSampler", "apply_seeded", "split_key"]
 
@@ -86,5 +86,5 @@ class ResumableSampler(DistributedSampler):
         if self._resume_epoch == self.epoch:
             indices = indices[self._skip :]
             self._resume_epoch, self._skip = None, 0
-        base = stream_seed(_VIEW_STREAM, base=self.seed) + self.epoch * len(self.dataset)  # type: ignore[arg-type]
-        return iter([(index, (base + index) % _MOD) for index in indices])
+        base = stream_seed(_VIEW_STREAM, base=self.seed)
+        return iter([(index, mix_seed(base, self.epoch, index)) for index in indices])

@@ -48,7 +48,7 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError('lightning_mim.data.streaming needs litdata: pip install "lightning-mim[streaming]"') from err
 
-from lightning_mim._rng import _MIX, _MOD, stream_seed
+from lightning_mim._rng import mix_seed, stream_seed
 from lightning_mim.data.datamodule import _ViewsDataModule
 from lightning_mim.data.folder import IMAGE_EXTENSIONS, _scan, _where, decode_rgb_bytes
 from lightning_mim.data.sampling import _VIEW_STREAM, apply_seeded
@@ -61,9 +61,6 @@ __all__ = [
 ]
 
 ViewFn = Callable[[Tensor], dict[str, Tensor]]
-# Distance between an image's view seeds in consecutive epochs. torch seeds its CPU generator with the low
-# 32 bits of a seed only, so it must be odd there (a multiple of 2**32 would repeat the views every epoch).
-_EPOCH_STRIDE = _MIX
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -371,7 +368,7 @@ class StreamingImageDataset(litdata.StreamingDataset):
         item = super().__getitem__(index)
         if not isinstance(item, dict):  # a slice: raw items
             return item
-        seed = (self._view_base + self.current_epoch * _EPOCH_STRIDE + int(item["id"])) % _MOD
+        seed = mix_seed(self._view_base, self.current_epoch, int(item["id"]))
         out = apply_seeded(self.views, decode_rgb_bytes(item["image"]), seed)
         out["labels"] = torch.tensor(int(item["label"]))
         out["ids"] = torch.tensor(int(item["id"]))
