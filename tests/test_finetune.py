@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from lightning_mim import ConMIMModule, FineTuneModule, LinearProbeModule
-from lightning_mim.data import SampleDataModule
+from lightning_mim.data import SampleDataModule, load_sample
 from lightning_mim.export import to_timm
 from lightning_mim.methods.finetune import load_encoder
 from lightning_mim.optim import OptimConfig
 
-from .helpers import TINY_BEIT, cpu_trainer
+from .helpers import TINY_BEIT, cpu_trainer, losses_on_fixed_batch
 
 
 @pytest.fixture(scope="module")
@@ -59,21 +59,33 @@ def test_bad_weights_fail_clearly(pretrained, tmp_path: Path) -> None:
         load_encoder(None)
 
 
-def test_linear_probe_trains_only_the_head_and_accuracy_moves(pretrained) -> None:
+def test_linear_probe_trains_only_the_head(pretrained) -> None:
+    """Under the Trainer the encoder stays frozen and only the head moves, with LARS; on a fixed batch
+    the head fits the frozen features (the loss falls).
+
+    Held-out accuracy is not tested here: this encoder has seen 2 steps of pre-training and a 3-epoch
+    probe on it lands at chance (8-13% over seeds); the linear quickstart measures real accuracies.
+    """
     _, export, _ = pretrained
     torch.manual_seed(0)
     optim = OptimConfig(lr=1.0, base_batch_size=None, min_lr=0.0, weight_decay=0.0, warmup_steps=2)
     module = LinearProbeModule(str(export), num_classes=10, pool="mean", image_size=32, optim=optim)
     encoder_before = {k: v.clone() for k, v in module.encoder.state_dict().items()}
     head_before = module.head[1].weight.clone()
-    trainer = cpu_trainer(max_epochs=3, check_val_every_n_epoch=3)
+    trainer = cpu_trainer(max_epochs=1, check_val_every_n_epoch=1)
     trainer.fit(module, data())
     assert all(torch.equal(v, encoder_before[k]) for k, v in module.encoder.state_dict().items())
     assert not module.encoder.training and not torch.equal(module.head[1].weight, head_before)
     assert type(trainer.optimizers[0]).__name__ == "Lars"
     top1 = trainer.callback_metrics["val/top1"].item()
-    assert 0.12 < top1 <= 1.0, top1  # above chance (10 classes)
-    assert trainer.callback_metrics["val/top5"].item() >= top1
+    assert 0.0 <= top1 <= 1.0 and trainer.callback_metrics["val/top5"].item() >= top1
+
+    images, labels, _ = load_sample("train")
+    batch = {"images": images[:64], "labels": labels[:64]}
+    module.trainer = None  # type: ignore[assignment]  # a plain module again: self.log does nothing
+    losses = losses_on_fixed_batch(module, batch, steps=40, lr=1e-2)  # AdamW on the trainable head only
+    assert losses[-1] < 0.8 * losses[0], losses  # 2.24 -> 1.59 here
+    assert all(torch.equal(v, encoder_before[k]) for k, v in module.encoder.state_dict().items())
 
 
 def test_finetune_uses_layer_decay_and_learns(pretrained) -> None:
