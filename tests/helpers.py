@@ -11,6 +11,17 @@ from torch import nn
 TINY_BEIT: dict[str, Any] = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
 
 
+class CrashAt(pl.Callback):
+    """Raises ``RuntimeError("simulated crash")`` at the start of optimizer step ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.at:
+            raise RuntimeError("simulated crash")
+
+
 def cpu_trainer(**kwargs: Any) -> pl.Trainer:
     defaults: dict[str, Any] = dict(
         accelerator="cpu",

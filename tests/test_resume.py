@@ -14,18 +14,7 @@ from torchvision.transforms import v2
 
 from lightning_mim.data import ResumableSampler, SampleDataModule
 from lightning_mim.data.folder import TensorImageDataset
-from tests.helpers import cpu_trainer, tiny_method
-
-
-class _Crash(pl.Callback):
-    """Raises at the start of optimizer step ``at`` (after the checkpoint of an earlier step was written)."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.at:
-            raise RuntimeError("simulated crash")
+from tests.helpers import CrashAt, cpu_trainer, tiny_method
 
 
 class _Record(pl.Callback):
@@ -83,7 +72,7 @@ def test_resume_mid_epoch_matches_uninterrupted(workers: int, tmp_path: Path) ->
     reference = _fit(tmp_path / "a", workers, [reference_batches])
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _fit(tmp_path / "b", workers, [_Crash(at=17)])  # last.ckpt at step 15: epoch 1, batch 3 of 12
+        _fit(tmp_path / "b", workers, [CrashAt(at=17)])  # last.ckpt at step 15: epoch 1, batch 3 of 12
     state = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 15 and state["SampleDataModule"]["batches_done"] == 3
 
@@ -97,7 +86,7 @@ def test_resume_mid_epoch_matches_uninterrupted(workers: int, tmp_path: Path) ->
 def test_resume_at_epoch_boundary_matches_uninterrupted(tmp_path: Path) -> None:
     reference = _fit(tmp_path / "a", 0, [], every=None)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _fit(tmp_path / "b", 0, [_Crash(at=14)], every=None)  # last.ckpt: the end of epoch 0, step 12
+        _fit(tmp_path / "b", 0, [CrashAt(at=14)], every=None)  # last.ckpt: the end of epoch 0, step 12
     state = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 12 and state["epoch"] == 0
     resumed = _fit(tmp_path / "b", 0, [], ckpt_path=str(tmp_path / "b" / "last.ckpt"), every=None)
@@ -175,7 +164,7 @@ def _assert_same_state(a: tuple[pl.LightningModule, pl.Trainer], b: tuple[pl.Lig
 def test_method_resumes_exactly_from_an_epoch_boundary(method: str, tmp_path: Path) -> None:
     reference = _fit_method(method, tmp_path / "a", [])
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _fit_method(method, tmp_path / "b", [_Crash(at=6)])  # last.ckpt: end of epoch 0 (step 4)
+        _fit_method(method, tmp_path / "b", [CrashAt(at=6)])  # last.ckpt: end of epoch 0 (step 4)
     last = tmp_path / "b" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == 4
     resumed = _fit_method(method, tmp_path / "b", [], ckpt_path=str(last))
@@ -186,7 +175,7 @@ def test_method_resumes_exactly_from_an_epoch_boundary(method: str, tmp_path: Pa
 def test_method_resumes_exactly_mid_epoch(tmp_path: Path) -> None:
     reference = _fit_method("conmim", tmp_path / "a", [], every=3)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _fit_method("conmim", tmp_path / "b", [_Crash(at=5)], every=3)  # last.ckpt: step 3, batch 3 of 4
+        _fit_method("conmim", tmp_path / "b", [CrashAt(at=5)], every=3)  # last.ckpt: step 3, batch 3 of 4
     last = tmp_path / "b" / "last.ckpt"
     assert torch.load(last, weights_only=True)["SampleDataModule"]["batches_done"] == 3
     _assert_same_state(reference, _fit_method("conmim", tmp_path / "b", [], ckpt_path=str(last), every=3))

@@ -27,7 +27,7 @@ import litdata
 from lightning_mim.callbacks import OnlineKNN
 from lightning_mim.data import StreamingDataModule, prepare_streaming_data
 from lightning_mim.data.datamodule import SAMPLE_FILE
-from tests.helpers import cpu_trainer, tiny_method
+from tests.helpers import CrashAt, cpu_trainer, tiny_method
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN, VAL = 200, 50
@@ -191,15 +191,6 @@ class _Record(pl.Callback):
         self.batches.append((trainer.global_step, batch["ids"].tolist(), checksum))
 
 
-class _Crash(pl.Callback):
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.at:
-            raise RuntimeError("simulated crash")
-
-
 class _Linear(pl.LightningModule):
     """A linear model on the views: its weights depend on every batch, its order and its views."""
 
@@ -245,7 +236,7 @@ def test_resume_matches_uninterrupted(
     assert len(reference_batches.batches) == 50
 
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _fit(dst, tmp_path / "b", workers, [_Crash(at=crash)])
+        _fit(dst, tmp_path / "b", workers, [CrashAt(at=crash)])
     state = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
     assert state["global_step"] == saved and state["StreamingDataModule"] == {"seed": 11}
     (loader_state,) = state["loops"]["fit_loop"]["state_dict"]["combined_loader"]
