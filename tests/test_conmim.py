@@ -129,3 +129,12 @@ def test_invalid_arguments() -> None:
         tiny(temperature=0.0)
     with pytest.raises(ValueError, match="unknown timm architecture"):
         tiny(backbone="no_such_vit")
+
+
+def test_crop_scale_reaches_the_shared_crop() -> None:
+    def crop_scale(module: ConMIMModule) -> tuple[float, float]:
+        (crop,) = [t for t in module.train_views().geometry.transforms if hasattr(t, "scale")]
+        return tuple(crop.scale)
+
+    assert crop_scale(tiny()) == (0.08, 1.0)  # the official recipe's
+    assert crop_scale(tiny(crop_scale=(0.25, 1.0))) == (0.25, 1.0)

@@ -27,8 +27,13 @@ def test_quickstart_learns_within_six_minutes(tmp_path: Path) -> None:
     knn = [float(row["val/knn_top1"]) for row in csv.DictReader(metrics.open()) if row.get("val/knn_top1")]
     checkpoints = list((tmp_path / "runs/quickstart/conmim").rglob("*.ckpt"))
     print(f"quickstart: {elapsed:.0f} s, kNN top-1 {knn}")
-    assert len(knn) >= 2, knn
-    assert knn[-1] >= knn[0] + 2.0, f"kNN top-1 went from {knn[0]} to {knn[-1]}"
+    # One kNN evaluation (1,000 fixed query images) moves by about 1.5 points between training seeds,
+    # so the check averages the last two evaluations (steps 750 and 1,000) and compares them with the
+    # one before training. Measured on a 2-core EPYC for seeds 0 / 1 / 2: +3.4 / +4.4 / +2.9 points;
+    # an encoder that does not learn gives 0, one that degrades gives less.
+    assert len(knn) == 5, f"expected kNN at steps 0, 250, 500, 750 and 1000, got {knn}"
+    late = sum(knn[-2:]) / 2
+    assert late >= knn[0] + 2.0, f"kNN top-1 went from {knn[0]} to {knn[-2:]} (mean {late:.2f})"
     assert elapsed < 360, f"quickstart took {elapsed:.0f} s"
     assert checkpoints, "no checkpoint written"
     assert list((tmp_path / "runs/quickstart/conmim/wandb").glob("offline-run-*")), "no offline wandb run"

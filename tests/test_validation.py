@@ -128,6 +128,11 @@ BAD_ARGUMENTS = [
         r"embedding would silently drop the last 6 pixel rows and 6 columns",
     ),
     (lambda: conmim(momentum=1.5), r"^ConMIMModule\(momentum=1\.5\): an EMA momentum must be in \[0, 1\]"),
+    (
+        lambda: conmim(crop_scale=(0.0, 1.0)),
+        r"^ConMIMModule\(crop_scale=\(0\.0, 1\.0\)\): the crop's \(min, max\) fraction of the image area must "
+        r"satisfy 0 < min <= max <= 1$",
+    ),
     (lambda: conmim(final_momentum=-0.1), r"^ConMIMModule\(final_momentum=-0\.1\): an EMA momentum must be in"),
     (lambda: conmim(proj_layers=0), r"^ConMIMModule\(proj_layers=0\): must be > 0$"),
     (lambda: conmim(std=(0.2, 0.0, 0.2)), r"^ConMIMModule\(std=\(0\.2, 0\.0, 0\.2\)\): must be > 0"),

@@ -215,7 +215,8 @@ class OnlineKNN(Callback):
             return
         accuracy = self.evaluate(trainer, pl_module)
         if accuracy is not None:
-            pl_module.log("val/knn_top1", accuracy, prog_bar=True)
+            # The same value on every rank; sync_dist only keeps Lightning from warning under DDP.
+            pl_module.log("val/knn_top1", accuracy, prog_bar=True, sync_dist=True)
 
     @override
     def state_dict(self) -> dict[str, Any]:

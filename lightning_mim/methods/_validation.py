@@ -13,6 +13,7 @@ from lightning_mim.masking import MaskGenerator
 
 __all__ = [
     "check_contrastive_batch",
+    "check_crop_scale",
     "check_input_size",
     "check_mask_count",
     "check_momenta",
@@ -52,6 +53,16 @@ def check_normalization(owner: str, mean: Sequence[float], std: Sequence[float])
         raise ValueError(f"{owner}(mean={tuple(mean)}, std={tuple(std)}): need one value per RGB channel (3 each)")
     if not all(s > 0 for s in std):
         raise ValueError(f"{owner}(std={tuple(std)}): must be > 0 (images are divided by it)")
+
+
+def check_crop_scale(owner: str, crop_scale: Sequence[float]) -> tuple[float, float]:
+    """A random resized crop's (min, max) fraction of the image area; returned as a tuple."""
+    if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+        raise ValueError(
+            f"{owner}(crop_scale={tuple(crop_scale)}): the crop's (min, max) fraction of the image area "
+            "must satisfy 0 < min <= max <= 1"
+        )
+    return float(crop_scale[0]), float(crop_scale[1])
 
 
 def check_input_size(owner: str, model: Any, **sizes: int | None) -> None:

@@ -37,7 +37,13 @@ from lightning_mim.export import EncoderSpec
 from lightning_mim.losses import patch_contrastive_loss
 from lightning_mim.masking import BlockMasking, MaskGenerator
 from lightning_mim.methods._checkpoint import read_meta, write_meta
-from lightning_mim.methods._validation import check_mask_count, check_momenta, check_normalization, check_positive
+from lightning_mim.methods._validation import (
+    check_crop_scale,
+    check_mask_count,
+    check_momenta,
+    check_normalization,
+    check_positive,
+)
 from lightning_mim.nn import BNProjector, MaskedViT
 from lightning_mim.nn.compile import compile_in_place
 from lightning_mim.nn.fsdp import is_sharded, shard_networks
@@ -110,6 +116,7 @@ class ConMIMModule(pl.LightningModule):
         grad_checkpointing: Recompute the trained encoder's blocks in the backward pass (activation
             checkpointing): much less activation memory for about a third more compute (ViT-L).
         eval_encoder: Encoder whose features ``embed`` returns (kNN monitoring).
+        crop_scale: Area range of the shared random resized crop (official: (0.08, 1)).
         mean: Normalisation mean (of images in [0, 1]).
         std: Normalisation std.
     """
@@ -129,6 +136,7 @@ class ConMIMModule(pl.LightningModule):
         compile: bool = False,
         grad_checkpointing: bool = False,
         eval_encoder: Literal["student", "teacher"] = "student",
+        crop_scale: tuple[float, float] = (0.08, 1.0),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
@@ -142,6 +150,7 @@ class ConMIMModule(pl.LightningModule):
         check_positive(owner, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim, proj_layers=proj_layers)
         check_momenta(owner, momentum=momentum, final_momentum=final_momentum)
         check_normalization(owner, mean, std)
+        self.crop_scale = check_crop_scale(owner, crop_scale)
         kwargs = dict(CONMIM_BACKBONE_DEFAULTS) if backbone.startswith("beit") else {}
         kwargs.update(backbone_kwargs or {})
         encoder = MaskedViT(backbone, mode="mask_token", names=TimmArgs(owner, "backbone", "backbone_kwargs"), **kwargs)
@@ -171,7 +180,7 @@ class ConMIMModule(pl.LightningModule):
     # ----------------------------------------------------------------------------------- parts
     def train_views(self) -> ConMIMViews:
         """Data-loader transform producing ``images`` and ``teacher_images``."""
-        return ConMIMViews(size=self.image_size)
+        return ConMIMViews(size=self.image_size, scale=self.crop_scale)
 
     def eval_views(self) -> EvalView:
         """Data-loader transform for validation and kNN images."""

@@ -30,7 +30,7 @@ from torch import Tensor
 from lightning_mim._rng import CountedStream
 from lightning_mim.data.views import EvalView, MAEViews
 from lightning_mim.methods._checkpoint import load_checkpoint, read_meta, write_meta
-from lightning_mim.methods._validation import check_non_negative, check_positive
+from lightning_mim.methods._validation import check_crop_scale, check_non_negative, check_positive
 from lightning_mim.nn.tokenizer import VQTokenizer
 from lightning_mim.optim import OptimConfig, configure_adamw
 
@@ -95,11 +95,6 @@ class VQTokenizerModule(pl.LightningModule):
         owner = type(self).__name__
         check_positive(owner, image_size=image_size, downsample=downsample, code_dim=code_dim, hidden_dim=hidden_dim)
         check_non_negative(owner, num_res_blocks=num_res_blocks)
-        if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1] <= 1:
-            raise ValueError(
-                f"{owner}(crop_scale={tuple(crop_scale)}): the crop's (min, max) fraction of the image area "
-                "must satisfy 0 < min <= max <= 1"
-            )
         if image_size % downsample:
             raise ValueError(f"image_size {image_size} is not divisible by downsample {downsample}")
         if commitment < 0:
@@ -109,7 +104,7 @@ class VQTokenizerModule(pl.LightningModule):
         )
         self.commitment = commitment
         self.image_size = image_size
-        self.crop_scale = tuple(crop_scale)
+        self.crop_scale = check_crop_scale(owner, crop_scale)
         self.optim = optim
 
     def tokenizer_kwargs(self) -> dict[str, Any]:
