@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from lightning_mim._rng import mix_seed
 from lightning_mim.data import (
     ClassificationViews,
     CMAEViews,
@@ -58,12 +59,16 @@ def write_jpegs(folder: Path, count: int, seed: int = 0) -> None:
 
 
 def rate(dataset: torch.utils.data.Dataset, count: int) -> float:
-    """Items per second of ``dataset[i]`` for ``count`` items (after 10 warm-up items)."""
+    """Items per second of ``dataset[(i, view_seed)]`` for ``count`` items (after 10 warm-up items).
+
+    Keys carry a view seed, as :class:`~lightning_mim.data.ResumableSampler` yields them in training,
+    so the per-image seeding is part of the measurement.
+    """
     for i in range(10):
-        dataset[i]
+        dataset[(i, mix_seed(i))]
     start = time.perf_counter()
     for i in range(count):
-        dataset[i % len(dataset)]  # type: ignore[arg-type]
+        dataset[(i % len(dataset), mix_seed(i))]  # type: ignore[arg-type]
     return count / (time.perf_counter() - start)
 
 

@@ -12,8 +12,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torchvision.transforms import v2
 
+from lightning_mim._rng import seed_torch
 from lightning_mim.data import ResumableSampler, SampleDataModule
 from lightning_mim.data.folder import TensorImageDataset
+from lightning_mim.data.sampling import apply_seeded
 from tests.helpers import CrashAt, cpu_trainer, tiny_method
 
 
@@ -128,6 +130,26 @@ def test_seeded_keys_fix_the_views_without_touching_the_global_rng() -> None:
     torch.rand(5)  # the global stream moves on: the keyed view does not
     assert torch.equal(data[(2, 12345)]["images"], a)
     assert not torch.equal(data[(2, 12346)]["images"], a)
+    torch.manual_seed(12345)  # the keyed view is the transform under that seed
+    assert torch.equal(crop(images[2]), a)
+
+
+def test_seeded_transform_restores_the_generator_when_it_fails() -> None:
+    def failing(image: torch.Tensor) -> torch.Tensor:
+        torch.rand(3)
+        raise OSError("broken image")
+
+    before = torch.random.get_rng_state()
+    with pytest.raises(OSError, match="broken image"):
+        apply_seeded(failing, None, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
+def test_seed_torch_matches_manual_seed_on_the_cpu() -> None:
+    seed_torch(2024)
+    a = torch.rand(4)
+    torch.manual_seed(2024)
+    assert torch.equal(torch.rand(4), a) and torch.initial_seed() == 2024
 
 
 METHODS = ["conmim", "cmae", "mimco", "cim", "mocov3", "vq_tokenizer"]

@@ -9,8 +9,8 @@ hold, independent of the number of data-loader workers:
   across ranks like ``DistributedSampler`` (it is one, so Lightning keeps it under DDP), and can start
   an epoch part-way through (:meth:`ResumableSampler.resume`).
 - It yields keys ``(index, view_seed)`` instead of bare indices; the datasets apply their view
-  transform under ``torch.manual_seed(view_seed)`` (in a forked RNG, so the caller's stream is
-  untouched). A sample's augmentation is then a function of (run seed, epoch, index) alone, not of
+  transform with torch's CPU generator seeded with ``view_seed`` (and restored after, so the caller's
+  stream is untouched). A sample's augmentation is then a function of (run seed, epoch, index) alone, not of
   which worker drew it or what that worker drew before.
 """
 
@@ -38,12 +38,21 @@ def split_key(key: Any) -> tuple[int, int | None]:
 
 
 def apply_seeded(transform: Callable[..., T], image: Any, seed: int | None) -> T:
-    """``transform(image)``, under ``torch.manual_seed(seed)`` in a forked CPU RNG when a seed is given."""
+    """``transform(image)`` with torch's CPU generator seeded with ``seed`` (when given) and restored after.
+
+    The views draw from the CPU generator only. Saving and restoring its state costs about 2 us;
+    ``torch.random.fork_rng`` + ``torch.manual_seed`` cost about 0.7 ms per image (they queue seeds for
+    the accelerator backends, formatting a stack trace each time).
+    """
     if seed is None:
         return transform(image)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
         return transform(image)
+    finally:
+        generator.set_state(state)
 
 
 class ResumableSampler(DistributedSampler):
