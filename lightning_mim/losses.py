@@ -155,12 +155,12 @@ def window_normalize(images: Tensor, window: int = 8, eps: float = 1e-6) -> Tens
     Every pixel of every channel becomes ``(x - mean) / sqrt(var + eps)``, where ``mean`` and the
     *population* variance ``var`` are taken over the ``window`` x ``window`` window at that pixel
     (stride 1). The image is reflect-padded by ``(window - 1) // 2`` pixels before and ``window // 2``
-    after on each axis (3 and 4 for CIM's window of 8), so the output has the input's size and, for
+    after on each axis (3 and 4 for a window of 8), so the output has the input's size and, for
     even windows, the pixel sits just above and left of its window's centre.
 
     Args:
         images: (B, C, H, W); computed in float32.
-        window: Window side ``k`` (CIM: 8).
+        window: Window side ``k`` (8: our chosen default for CIM).
         eps: Added to the variance.
 
     Returns:

@@ -10,7 +10,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_mim import ConMIMModule, MimCoModule, MoCoV3Module
 from lightning_mim.data import SampleDataModule, TwoCropViews
-from lightning_mim.masking import BlockMasking
+from lightning_mim.masking import BlockMasking, RandomMasking
+from lightning_mim.methods.mimco import MIMCO_MASK_RATIO
 
 from .helpers import TINY_BEIT, cpu_trainer, flat, losses_on_fixed_batch
 
@@ -63,10 +64,35 @@ def test_teacher_is_the_stage1_encoder_and_stays_frozen(stage1_ckpt: Path) -> No
 
 def test_student_is_a_mask_token_vit_with_the_default_heads(stage1_ckpt: Path) -> None:
     module = stage2(stage1_ckpt)
-    assert module.student.mode == "mask_token" and isinstance(module.masking, BlockMasking)
+    # DEFAULT: the paper's "simple random masking", ratio 0.75 (16 patches: 12 masked)
+    assert module.student.mode == "mask_token" and isinstance(module.masking, RandomMasking)
+    assert module.masking.mask_ratio == MIMCO_MASK_RATIO == 0.75 and module.masking.num_masking_patches == 12
+    assert stage2(stage1_ckpt, mask_ratio=0.5).masking.num_masking_patches == 8
+    block = BlockMasking(4, num_masking_patches=6, min_num_patches=2)
+    assert stage2(stage1_ckpt, masking=block).masking is block  # block masking stays an option
     kinds = [type(m).__name__ for m in module.patch_head]
     assert kinds == ["LayerNorm", "Linear", "GELU", "Linear"] and module.patch_head[-1].out_features == 48
     assert torch.allclose(module.student.vit.blocks[0].ls1.gamma, torch.full((48,), 0.1))  # layer scale 0.1
+    # DEFAULT image head: MoCo v3's ViT projector (3 layers) + predictor (2), both ending in a non-affine BN
+    projector, predictor = module.image_head
+    assert [type(m).__name__ for m in predictor] == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert sum(isinstance(m, torch.nn.Linear) for m in projector) == 3 and not projector[-1].affine
+    assert module.image_target == "projector" and module.teacher_projector is not None
+
+
+def test_image_head_and_target_are_arguments(stage1_ckpt: Path) -> None:
+    module = stage2(stage1_ckpt, image_proj_layers=2, image_pred_layers=0, image_target="cls")
+    (projector,) = module.image_head  # no predictor
+    assert sum(isinstance(m, torch.nn.Linear) for m in projector) == 2
+    assert module.teacher_projector is None and projector[-2].out_features == 48  # the teacher's CLS width
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    _, cls_target = module._teacher_targets(torch.zeros(4, 3, 32, 32))
+    assert cls_target.shape == (4, 48)
+    assert module.training_step({"images": images}, 0).isfinite()
+    with pytest.raises(ValueError, match="image_target"):
+        stage2(stage1_ckpt, image_target="pixels")
+    with pytest.raises(ValueError, match="image_pred_layers"):
+        stage2(stage1_ckpt, image_pred_layers=-1)
 
 
 def test_loss_falls_on_a_fixed_batch(stage1_ckpt: Path) -> None:
@@ -113,11 +139,19 @@ def test_teacher_from_a_timm_model_with_local_weights(tmp_path: Path) -> None:
         teacher_kwargs=TINY_VIT,
         patch_hidden_dim=32,
         proj_hidden_dim=64,
+        image_target="cls",
     )
     assert torch.equal(flat(module.teacher), flat(source))
-    assert module.teacher_projector is None  # the image-level target is then the teacher's CLS feature
+    assert module.teacher_projector is None  # the image-level target is the teacher's CLS feature
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     assert module.training_step({"images": images}, 0).isfinite()
+    with pytest.raises(ValueError, match=r"image_target='projector'.*has no projector"):  # not quietly CLS
+        MimCoModule(
+            backbone_kwargs=TINY_VIT,
+            teacher_arch="vit_small_patch16_224",
+            teacher_weights=str(tmp_path / "model.safetensors"),
+            teacher_kwargs=TINY_VIT,
+        )
     with pytest.raises(ValueError, match="does not fit the teacher"):
         MimCoModule(
             backbone_kwargs=TINY_VIT,

@@ -27,18 +27,57 @@ def batch(size: int = 8) -> dict[str, torch.Tensor]:
     return {"images": images, "images_2": images.flip(-1)}
 
 
+def official_sincos(grid: int, dim: int) -> torch.Tensor:
+    """MoCo v3's build_2d_sincos_position_embedding, written from its definition: an 'ij' meshgrid of
+    (w, h) coordinates, channels sin(w), cos(w), sin(h), cos(h), omega = 1 / 10000^(i / (dim / 4))."""
+    grid_w, grid_h = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"
+    )
+    omega = 1.0 / 10000.0 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    out_w, out_h = grid_w.flatten()[:, None] * omega, grid_h.flatten()[:, None] * omega
+    table = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)
+    return torch.cat([torch.zeros(1, dim), table])[None]
+
+
 def test_structure_follows_moco_v3() -> None:
     module = MoCoV3Module(proj_hidden_dim=4096)  # ViT-S/16
     encoder = module.encoder
+    assert encoder.blocks[0].attn.num_heads == 12  # the official vit_small (timm's has 6)
     assert not any(p.requires_grad for p in encoder.patch_embed.parameters())  # frozen random patch projection
     assert not encoder.pos_embed.requires_grad
-    assert torch.allclose(encoder.pos_embed, sincos_2d_pos_embed((14, 14), 384))
+    assert torch.allclose(encoder.pos_embed, official_sincos(14, 384), atol=1e-6)  # rows first, as MoCo v3
+    assert not torch.allclose(encoder.pos_embed, sincos_2d_pos_embed((14, 14), 384))  # MAE's order differs
     projector = [type(m).__name__ for m in module.projector]
     assert projector == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
     assert not module.projector[-1].affine
+    # The ViT predictor is _build_mlp(2, 256, 4096, 256) with last_bn=True: it ends in a non-affine BN.
     predictor = [type(m).__name__ for m in module.predictor]
-    assert predictor == ["Linear", "BatchNorm1d", "ReLU", "Linear"]  # no BatchNorm after the predictor
-    assert module.projector[0].out_features == 4096 and module.predictor[-1].out_features == 256
+    assert predictor == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert not module.predictor[-1].affine and module.predictor[1].affine
+    assert all(m.bias is None for m in module.predictor if isinstance(m, torch.nn.Linear))
+    assert module.projector[0].out_features == 4096 and module.predictor[3].out_features == 256
+    assert MoCoV3Module(backbone_kwargs={"num_heads": 6}).encoder.blocks[0].attn.num_heads == 6  # timm's ViT-S
+    assert MoCoV3Module(backbone="vit_base_patch16_224", proj_hidden_dim=64).encoder.blocks[0].attn.num_heads == 12
+
+
+def test_predictor_output_is_standardised_per_dimension_in_train_mode() -> None:
+    torch.manual_seed(0)
+    module = tiny().train()
+    out = module.predictor(torch.randn(64, 16) * 3 + 1)  # (B, proj_dim)
+    assert torch.allclose(out.mean(dim=0), torch.zeros(16), atol=1e-5)
+    # BatchNorm divides by the biased batch std (with eps 1e-5): unit variance per dimension.
+    assert torch.allclose(out.var(dim=0, unbiased=False), torch.ones(16), atol=1e-3)
+
+
+def test_crops_are_bilinear_as_the_official_code() -> None:
+    from torchvision.transforms import InterpolationMode
+
+    views = tiny().train_views()
+    crops = [views.first.transforms[0], views.second.transforms[0]]
+    assert all(crop.interpolation == InterpolationMode.BILINEAR for crop in crops)
+    assert TwoCropViews(32, interpolation="bicubic").first.transforms[0].interpolation == InterpolationMode.BICUBIC
+    with pytest.raises(ValueError, match="interpolation"):
+        TwoCropViews(32, interpolation="nearest")  # type: ignore[arg-type]
 
 
 def test_loss_is_symmetric_scaled_infonce() -> None:

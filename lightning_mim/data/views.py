@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -343,9 +344,10 @@ class MAEViews:
 class TwoCropViews:
     """Two independently augmented views of one image (BYOL's asymmetric augmentations, MoCo v3).
 
-    Each view: random resized crop (scale (0.08, 1), bicubic), colour jitter (0.4, 0.4, 0.2, 0.1) with
-    p=0.8, grayscale p=0.2, Gaussian blur, horizontal flip. The first view is always blurred and never
-    solarised; the second is blurred with p=0.1 and solarised with p=0.2 (BYOL, as used by MoCo v3).
+    Each view: random resized crop (scale (0.08, 1); bilinear, torchvision's default, as in MoCo v3's
+    code), colour jitter (0.4, 0.4, 0.2, 0.1) with p=0.8, grayscale p=0.2, Gaussian blur, horizontal
+    flip. The first view is always blurred and never solarised; the second is blurred with p=0.1 and
+    solarised with p=0.2 (BYOL, as used by MoCo v3).
 
     Args:
         size: Output side in pixels.
@@ -353,6 +355,7 @@ class TwoCropViews:
         color_jitter: Brightness, contrast, saturation, hue strengths.
         blur_p: Blur probabilities of the two views.
         solarize_p: Solarisation probabilities of the two views.
+        interpolation: Resampling of the crops: ``"bilinear"`` (MoCo v3) or ``"bicubic"``.
     """
 
     def __init__(
@@ -362,13 +365,18 @@ class TwoCropViews:
         color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
         blur_p: tuple[float, float] = (1.0, 0.1),
         solarize_p: tuple[float, float] = (0.0, 0.2),
+        interpolation: Literal["bilinear", "bicubic"] = "bilinear",
     ) -> None:
+        if interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"TwoCropViews(interpolation={interpolation!r}): must be 'bilinear' or 'bicubic'")
         brightness, contrast, saturation, hue = color_jitter
+        resample = InterpolationMode.BILINEAR if interpolation == "bilinear" else InterpolationMode.BICUBIC
+        self.interpolation = interpolation
 
         def view(blur: float, solarize: float) -> v2.Compose:
             return v2.Compose(
                 [
-                    v2.RandomResizedCrop(size, scale=scale, interpolation=InterpolationMode.BICUBIC, antialias=True),
+                    v2.RandomResizedCrop(size, scale=scale, interpolation=resample, antialias=True),
                     v2.RandomApply([ColorJitter(brightness, contrast, saturation, hue)], p=0.8),
                     v2.RandomGrayscale(0.2),
                     v2.RandomApply([GaussianBlur(_blur_kernel(size), sigma=(0.1, 2.0))], p=blur),

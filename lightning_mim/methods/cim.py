@@ -127,7 +127,7 @@ class CIMModule(pl.LightningModule):
         masking: Mask generator over the token grid; chosen default BEiT blocks over ~50% of it.
         temperature: Sampling temperature (chosen default 1).
         enhancer_weight: Weight of the enhancer loss (chosen default 1).
-        window: ResPix normalisation window (8).
+        window: ResPix normalisation window (chosen default 8; the paper's window is not confirmed here).
         clip_grad_norm: If set, clip the gradient norm of the generator and of the enhancer
             separately to this value (the spec clips per network).
         optim: AdamW + warmup-cosine settings; default ``CIM_OPTIM``.

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -48,16 +48,41 @@ from lightning_mim.methods._validation import (
 from lightning_mim.nn import BNProjector, MAEDecoder, MaskedViT, freeze_sincos_pos_embed
 from lightning_mim.nn.compile import compile_in_place
 from lightning_mim.nn.heads import sync_batchnorm_on_gpus
+from lightning_mim.nn.init import init_mae_vit_
 from lightning_mim.nn.timm_models import TimmArgs
-from lightning_mim.optim import OptimConfig, configure_adamw
+from lightning_mim.optim import OptimConfig, WeightDecayRule, configure_adamw, optim_config, resumable_optim
 
-__all__ = ["CMAE_OPTIM", "CMAEModule"]
+__all__ = ["CMAE_DECAY_RULE", "CMAE_OPTIM", "MAE_DECAY_RULE", "MAE_OPTIM", "CMAEModule"]
 
-#: The official ViT-B recipe: lr 1.5e-4 per 256 images (2.4e-3 at 4096), AdamW (0.9, 0.95), wd 0.05,
-#: 40 warmup epochs, cosine to 0.
-CMAE_OPTIM = OptimConfig(
-    lr=1.5e-4, base_batch_size=256, min_lr=0.0, weight_decay=0.05, betas=(0.9, 0.95), warmup_epochs=40
+#: CMAE's official rule (mmengine ``custom_keys`` with decay_mult 0): parameters whose name contains
+#: 'ln', 'bias', 'pos_embed', 'mask_token' or 'cls_token'. The official model names every LayerNorm
+#: ``ln*``; timm names them ``norm*``, hence 'norm' here. The projector's and predictor's BatchNorm
+#: weights match none of these and ARE decayed (their biases are not).
+CMAE_DECAY_RULE = WeightDecayRule(
+    one_dim=False,
+    bias=False,
+    substrings=("norm", "bias", "pos_embed", "mask_token", "cls_token"),
+    module_hooks=False,
 )
+
+#: The official ViT-B recipe: lr 1.5e-4 per 256 images (2.4e-3 at 4096), AdamW (0.9, 0.95), wd 0.05
+#: by ``CMAE_DECAY_RULE``, 40 warmup epochs, cosine to 0.
+CMAE_OPTIM = OptimConfig(
+    lr=1.5e-4,
+    base_batch_size=256,
+    min_lr=0.0,
+    weight_decay=0.05,
+    decay_rule=CMAE_DECAY_RULE,
+    betas=(0.9, 0.95),
+    warmup_epochs=40,
+)
+
+#: MAE's rule (facebookresearch/mae ``main_pretrain.py``: timm 0.3's ``add_weight_decay`` with no skip
+#: list): no decay on 1-D parameters and biases only; the class and mask tokens are decayed.
+MAE_DECAY_RULE = WeightDecayRule(one_dim=True, bias=True, module_hooks=False)
+
+#: MAE's recipe, for ``CMAEModule(contrastive_weight=0)``: as ``CMAE_OPTIM`` but with ``MAE_DECAY_RULE``.
+MAE_OPTIM = dataclasses.replace(CMAE_OPTIM, decay_rule=MAE_DECAY_RULE)
 
 _MASK_STREAM = 2
 
@@ -102,7 +127,12 @@ class CMAEModule(pl.LightningModule):
         momentum: Constant EMA momentum of the target branch (official: 0.996).
         sync_batchnorm: Synchronise projector/predictor BatchNorm statistics across GPUs (torch's
             SyncBatchNorm needs CUDA; multi-process CPU runs warn and keep per-rank statistics).
-        optim: AdamW + warmup-cosine settings; default ``CMAE_OPTIM``.
+        init: ``"official"``: the encoder initialisation of CMAE's and MAE's code
+            (:func:`~lightning_mim.nn.init.init_mae_vit_`: xavier-uniform Linears, the patch kernel
+            xavier-uniform as a matrix, class token normal(0.02)); ``"timm"`` keeps timm's. The
+            decoders always take MAE's initialisation.
+        optim: AdamW + warmup-cosine settings; default ``CMAE_OPTIM`` (CMAE's weight-decay rule; for
+            the MAE baseline, ``MAE_OPTIM`` has MAE's, as ``configs/mae_vitb.yaml`` sets).
         compile: ``torch.compile`` the encoders and decoders in place when training starts
             (checkpoints unchanged).
         grad_checkpointing: Recompute the trained encoder's blocks in the backward pass (activation
@@ -128,6 +158,7 @@ class CMAEModule(pl.LightningModule):
         contrastive_weight: float = 1.0,
         momentum: float = 0.996,
         sync_batchnorm: bool = True,
+        init: Literal["official", "timm"] = "official",
         optim: OptimConfig = CMAE_OPTIM,
         compile: bool = False,
         grad_checkpointing: bool = False,
@@ -136,6 +167,7 @@ class CMAEModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["masking", "optim"])
+        optim = optim_config(optim)
         self.hparams["optim"] = dataclasses.asdict(optim)  # plain types: checkpoints load with weights_only
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -161,8 +193,12 @@ class CMAEModule(pl.LightningModule):
         check_momenta(owner, momentum=momentum)
         check_normalization(owner, mean, std)
         names = TimmArgs(owner, "backbone", "backbone_kwargs")
+        if init not in ("official", "timm"):
+            raise ValueError(f"{owner}(init={init!r}): must be 'official' or 'timm'")
         self.encoder = MaskedViT(backbone, mode="visible", names=names, **(backbone_kwargs or {}))
         vit = self.encoder.vit
+        if init == "official":
+            init_mae_vit_(vit)
         if vit.pos_embed is None:
             raise ValueError(f"{backbone!r} has no absolute position embedding to fix to sin-cos")
         freeze_sincos_pos_embed(vit.pos_embed, self.encoder.grid_size)
@@ -343,6 +379,8 @@ class CMAEModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._mask_stream.load_state_dict(read_meta(checkpoint, self._method)["mask_stream"])
+        self.optim = resumable_optim(self.optim, checkpoint, type(self).__name__)
+        self.hparams["optim"] = dataclasses.asdict(self.optim)
 
     @property
     def _method(self) -> str:

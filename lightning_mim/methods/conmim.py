@@ -47,10 +47,11 @@ from lightning_mim.methods._validation import (
 from lightning_mim.nn import BNProjector, MaskedViT
 from lightning_mim.nn.compile import compile_in_place
 from lightning_mim.nn.fsdp import is_sharded, shard_networks
+from lightning_mim.nn.init import init_beit_pretraining_
 from lightning_mim.nn.timm_models import TimmArgs
-from lightning_mim.optim import OptimConfig, configure_adamw
+from lightning_mim.optim import OptimConfig, WeightDecayRule, configure_adamw, optim_config, resumable_optim
 
-__all__ = ["CONMIM_BACKBONE_DEFAULTS", "CONMIM_OPTIM", "ConMIMModule"]
+__all__ = ["CONMIM_BACKBONE_DEFAULTS", "CONMIM_DECAY_RULE", "CONMIM_OPTIM", "ConMIMModule"]
 
 #: BEiT-style backbone of the official code: shared relative position bias, no absolute position
 #: embedding, layer-scale 0.1 (use 1e-5 for ViT-L), no drop path.
@@ -62,9 +63,16 @@ CONMIM_BACKBONE_DEFAULTS: dict[str, Any] = {
     "drop_path_rate": 0.0,
 }
 
-#: The official optimiser settings: lr 5e-4 (absolute), AdamW (0.9, 0.98), wd 0.05, 5 warmup epochs,
-#: cosine to 1e-5.
-CONMIM_OPTIM = OptimConfig(lr=5e-4, min_lr=1e-5, weight_decay=0.05, betas=(0.9, 0.98), warmup_epochs=5.0)
+#: The official weight-decay rule (BEiT's optim_factory with the model's ``no_weight_decay()``): no decay
+#: on 1-D parameters, biases, ``pos_embed`` and ``cls_token``, and nothing else: the mask token and
+#: the shared relative-position-bias table are decayed.
+CONMIM_DECAY_RULE = WeightDecayRule(one_dim=True, bias=True, names=("pos_embed", "cls_token"), module_hooks=False)
+
+#: The official optimiser settings: lr 5e-4 (absolute), AdamW (0.9, 0.98), wd 0.05 by
+#: ``CONMIM_DECAY_RULE``, 5 warmup epochs, cosine to 1e-5.
+CONMIM_OPTIM = OptimConfig(
+    lr=5e-4, min_lr=1e-5, weight_decay=0.05, decay_rule=CONMIM_DECAY_RULE, betas=(0.9, 0.98), warmup_epochs=5.0
+)
 
 _MASK_STREAM = 1
 
@@ -108,9 +116,13 @@ class ConMIMModule(pl.LightningModule):
         proj_layers: Projector depth in linear layers (official: 3).
         momentum: EMA momentum at the first step (official: 0.996).
         final_momentum: EMA momentum at the last step, cosine schedule (official: 1.0).
+        init: ``"official"``: BEiT's pre-training initialisation as the official code applies it to
+            encoder and projector (:func:`~lightning_mim.nn.init.init_beit_pretraining_`: normal(0.02)
+            truncated at +-1 std for every Linear, the patch embedding and the tokens, then the
+            1/sqrt(2 l) rescaling); ``"timm"`` keeps timm's (and PyTorch's for the projector).
         optim: AdamW + warmup-cosine settings; default ``CONMIM_OPTIM``, the official code's (lr
-            5e-4 absolute, betas (0.9, 0.98), wd 0.05, 5 warmup epochs, min lr 1e-5). Fields not
-            set in a config keep these values.
+            5e-4 absolute, betas (0.9, 0.98), wd 0.05 by ``CONMIM_DECAY_RULE``, 5 warmup epochs,
+            min lr 1e-5). Fields not set in a config keep these values.
         compile: ``torch.compile`` the student and teacher encoders in place when training starts
             (checkpoints unchanged).
         grad_checkpointing: Recompute the trained encoder's blocks in the backward pass (activation
@@ -132,6 +144,7 @@ class ConMIMModule(pl.LightningModule):
         proj_layers: int = 3,
         momentum: float = 0.996,
         final_momentum: float = 1.0,
+        init: Literal["official", "timm"] = "official",
         optim: OptimConfig = CONMIM_OPTIM,
         compile: bool = False,
         grad_checkpointing: bool = False,
@@ -147,6 +160,8 @@ class ConMIMModule(pl.LightningModule):
         if eval_encoder not in ("student", "teacher"):
             raise ValueError(f"eval_encoder must be 'student' or 'teacher', got {eval_encoder!r}")
         owner = type(self).__name__
+        if init not in ("official", "timm"):
+            raise ValueError(f"{owner}(init={init!r}): must be 'official' or 'timm'")
         check_positive(owner, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim, proj_layers=proj_layers)
         check_momenta(owner, momentum=momentum, final_momentum=final_momentum)
         check_normalization(owner, mean, std)
@@ -163,11 +178,13 @@ class ConMIMModule(pl.LightningModule):
             )
         check_mask_count(owner, self.masking)
         self.student = _Network(encoder, BNProjector(encoder.embed_dim, proj_hidden_dim, proj_dim, proj_layers))
+        if init == "official":
+            init_beit_pretraining_([self.student.encoder, self.student.projector], encoder.vit.blocks)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.temperature = temperature
         self.momentum = momentum
         self.final_momentum = final_momentum
-        self.optim = optim
+        self.optim = optim_config(optim)
         self.use_compile = compile
         for network in (self.student.encoder,):
             network.set_grad_checkpointing(grad_checkpointing)
@@ -260,3 +277,5 @@ class ConMIMModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._mask_stream.load_state_dict(read_meta(checkpoint, "conmim")["mask_stream"])
+        self.optim = resumable_optim(self.optim, checkpoint, type(self).__name__)
+        self.hparams["optim"] = dataclasses.asdict(self.optim)

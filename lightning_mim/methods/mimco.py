@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -32,7 +32,7 @@ from lightning_mim.callbacks.diagnostics import similarity_panels
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView, MAEViews, normalize
 from lightning_mim.export import EncoderSpec
 from lightning_mim.losses import info_nce, patch_contrastive_loss
-from lightning_mim.masking import BlockMasking, MaskGenerator
+from lightning_mim.masking import MaskGenerator, RandomMasking
 from lightning_mim.methods._checkpoint import load_checkpoint, read_meta, torch_load_weights, write_meta
 from lightning_mim.methods._validation import (
     check_contrastive_batch,
@@ -41,16 +41,26 @@ from lightning_mim.methods._validation import (
     check_normalization,
     check_positive,
 )
-from lightning_mim.methods.moco import MOCOV3_OPTIM, MoCoV3Module
+from lightning_mim.methods.moco import (
+    MOCOV3_OPTIM,
+    MoCoV3Module,
+    add_predictor_bn_statistics,
+    check_encoder_args,
+    timm_heads,
+)
 from lightning_mim.nn import BNProjector, MaskedViT
 from lightning_mim.nn.compile import compile_in_place
 from lightning_mim.nn.timm_models import TimmArgs, create_timm_model
-from lightning_mim.optim import OptimConfig, configure_adamw
+from lightning_mim.optim import OptimConfig, configure_adamw, optim_config
 
-__all__ = ["MIMCO_OPTIM", "MimCoModule", "load_mocov3_teacher"]
+__all__ = ["MIMCO_MASK_RATIO", "MIMCO_OPTIM", "MimCoModule", "load_mocov3_teacher"]
 
 #: DEFAULT (BEiT-like): lr 1.5e-3 per 2048 images, AdamW (0.9, 0.999), wd 0.05, 10 warmup epochs, cosine.
 MIMCO_OPTIM = OptimConfig(lr=1.5e-3, base_batch_size=2048, min_lr=1e-5, weight_decay=0.05, warmup_epochs=10)
+
+#: DEFAULT ratio of the paper's "simple random masking strategy": the paper ablates the ratio, and
+#: the value it settles on is not confirmed here; 0.75 is MAE's and ConMIM ViT-L's random ratio.
+MIMCO_MASK_RATIO = 0.75
 
 _MASK_STREAM = 3
 _STAGE1_HINT = (
@@ -59,25 +69,40 @@ _STAGE1_HINT = (
 )
 
 
+def _heads_written(meta: dict[str, Any], hparams: dict[str, Any]) -> dict[str, Any]:
+    """``backbone_kwargs`` that rebuild the encoder a stage-1 checkpoint holds.
+
+    lightning-mim 0.1 built ``vit_small_*`` with timm's 6 heads, not MoCo v3's 12, and recorded no
+    ``num_heads``; a checkpoint of it gets timm's head count back, since the weight shapes alone
+    cannot tell the two apart.
+    """
+    kwargs = dict(hparams.get("backbone_kwargs") or {})
+    recorded = meta.get("encoders", {}).get("student", {}).get("model_args")
+    if isinstance(recorded, dict) and "num_heads" not in kwargs:
+        kwargs["num_heads"] = timm_heads(str(hparams.get("backbone")), recorded)
+    return kwargs
+
+
 def load_mocov3_teacher(path: str | Path) -> MoCoV3Module:
     """A MoCoV3Module rebuilt from a stage-1 checkpoint (``weights_only=True``), frozen, eval mode."""
     checkpoint = load_checkpoint(path, "teacher checkpoint", _STAGE1_HINT)
-    read_meta(checkpoint, "mocov3")  # a clear error for another method's checkpoint
+    meta = read_meta(checkpoint, "mocov3")  # a clear error for another method's checkpoint
     if not isinstance(checkpoint.get("hyper_parameters"), dict):
         raise ValueError(f"teacher checkpoint {path} has no hyper_parameters to rebuild the MoCo v3 model from")
     hparams = dict(checkpoint["hyper_parameters"])
     optim = hparams.pop("optim", None)
     for key in ("_instantiator", "_class_path"):
         hparams.pop(key, None)
-    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in (optim or {}).items()}
     try:
-        optim_config = OptimConfig(**fields) if fields else MOCOV3_OPTIM
-        module = MoCoV3Module(**hparams, optim=optim_config)
+        hparams["backbone_kwargs"] = _heads_written(meta, hparams)
+        module = MoCoV3Module(**hparams, optim=optim_config(optim) if optim else MOCOV3_OPTIM)
     except TypeError as err:  # arguments of another lightning-mim version
         raise ValueError(
             f"teacher checkpoint {path}: its hyper_parameters do not rebuild a MoCoV3Module ({err}); "
             "was it written by another lightning-mim version?"
         ) from err
+    check_encoder_args(meta, module._encoder_spec, f"teacher checkpoint {path}")
+    add_predictor_bn_statistics(checkpoint["state_dict"], module.predictor, "predictor.")
     try:
         module.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as err:  # missing, unexpected or mis-shaped weights
@@ -120,8 +145,8 @@ class MimCoModule(pl.LightningModule):
 
     The teacher is frozen: eval mode, no gradients, not in the optimizer, no EMA. It comes from
     ``teacher_ckpt`` (a :class:`~lightning_mim.MoCoV3Module` checkpoint: its encoder and projector),
-    or ``teacher_arch`` + ``teacher_weights`` (a timm model with local weights; the image-level target
-    is then its CLS feature), or, for smoke tests only, a random MoCo v3 ViT of the student's size
+    or ``teacher_arch`` + ``teacher_weights`` (a timm model with local weights and no projector, so
+    ``image_target="cls"``), or, for smoke tests only, a random MoCo v3 ViT of the student's size
     (``allow_random_teacher``).
 
     Args:
@@ -132,9 +157,19 @@ class MimCoModule(pl.LightningModule):
         teacher_weights: Local weights file (.safetensors / .pth) for ``teacher_arch``.
         teacher_kwargs: timm arguments for ``teacher_arch``.
         allow_random_teacher: Allow a randomly initialised teacher (smoke runs and tests only).
-        masking: Mask generator; DEFAULT BEiT block masking 75/196, scaled to the grid.
+        masking: Mask generator; DEFAULT random masking at ``mask_ratio`` (the paper's "simple random
+            masking strategy"); ``BlockMasking.beit_default(grid)`` gives BEiT's block masking.
+        mask_ratio: Ratio of the default random masking (DEFAULT ``MIMCO_MASK_RATIO`` = 0.75: the
+            paper ablates the ratio; its chosen value is not confirmed here).
         patch_hidden_dim: Patch head hidden width (DEFAULT 2048).
-        proj_hidden_dim: Image head hidden width (MoCo v3's 4096).
+        proj_hidden_dim: Image head hidden width (DEFAULT MoCo v3's 4096).
+        image_proj_layers: Linear layers of the image head's projector on the student's CLS token
+            (DEFAULT 3, MoCo v3's projector: BatchNorm after each, non-affine at the end).
+        image_pred_layers: Linear layers of the image head's predictor after the projector (DEFAULT
+            2, MoCo v3's ViT predictor, ending in a non-affine BatchNorm); 0 for none.
+        image_target: The image-level target: ``"projector"`` (DEFAULT: the teacher's projector on its
+            CLS token, MoCo v3's embedding space; needs a stage-1 teacher) or ``"cls"`` (the teacher's
+            CLS feature after its final norm).
         patch_temperature: tau_p of the patch-level InfoNCE (DEFAULT 0.2).
         image_temperature: tau_i of the image-level InfoNCE (DEFAULT 0.2), scaled by 2 tau_i.
         image_weight: lambda, weight of the image-level loss (DEFAULT 1).
@@ -158,8 +193,12 @@ class MimCoModule(pl.LightningModule):
         teacher_kwargs: dict[str, Any] | None = None,
         allow_random_teacher: bool = False,
         masking: MaskGenerator | None = None,
+        mask_ratio: float = MIMCO_MASK_RATIO,
         patch_hidden_dim: int = 2048,
         proj_hidden_dim: int = 4096,
+        image_proj_layers: int = 3,
+        image_pred_layers: int = 2,
+        image_target: Literal["projector", "cls"] = "projector",
         patch_temperature: float = 0.2,
         image_temperature: float = 0.2,
         image_weight: float = 1.0,
@@ -176,8 +215,15 @@ class MimCoModule(pl.LightningModule):
         if patch_temperature <= 0 or image_temperature <= 0:
             raise ValueError("patch_temperature and image_temperature must be > 0")
         owner = type(self).__name__
-        check_positive(owner, patch_hidden_dim=patch_hidden_dim, proj_hidden_dim=proj_hidden_dim)
-        check_non_negative(owner, image_weight=image_weight)
+        check_positive(
+            owner,
+            patch_hidden_dim=patch_hidden_dim,
+            proj_hidden_dim=proj_hidden_dim,
+            image_proj_layers=image_proj_layers,
+        )
+        check_non_negative(owner, image_weight=image_weight, image_pred_layers=image_pred_layers)
+        if image_target not in ("projector", "cls"):
+            raise ValueError(f"{owner}(image_target={image_target!r}): must be 'projector' or 'cls'")
         check_normalization(owner, mean, std)
         student_kwargs = {"init_values": 0.1, "drop_path_rate": 0.1, **(backbone_kwargs or {})}
         self.student = MaskedViT(
@@ -189,12 +235,18 @@ class MimCoModule(pl.LightningModule):
         self.teacher: Any = teacher  # a timm ViT: forward_features and num_features are used
         self._check_teacher_grid(owner)
         teacher_width = int(teacher.num_features)  # type: ignore[arg-type]
-        target_dim = (
-            teacher_width if self.teacher_projector is None else int(self._projector_out(self.teacher_projector))
-        )
+        if image_target == "projector" and self.teacher_projector is None:
+            raise ValueError(
+                f"{owner}(image_target='projector'): the teacher from teacher_arch {teacher_arch!r} has no "
+                "projector; set image_target='cls' (its CLS feature) or give a stage-1 teacher_ckpt"
+            )
+        if image_target == "cls":
+            self.teacher_projector = None
+        self.image_target = image_target
+        target_dim = teacher_width if image_target == "cls" else int(self._projector_out(self.teacher_projector))
         width, grid = self.student.embed_dim, self.student.grid_size
         if masking is None:  # DEFAULT
-            masking = BlockMasking.beit_default(grid)
+            masking = RandomMasking(grid, mask_ratio)
         if (masking.height, masking.width) != grid:
             raise ValueError(f"masking grid ({masking.height}, {masking.width}) does not match the patch grid {grid}")
         check_mask_count(owner, masking)
@@ -205,15 +257,16 @@ class MimCoModule(pl.LightningModule):
             nn.GELU(),
             nn.Linear(patch_hidden_dim, teacher_width),
         )
-        self.image_head = nn.Sequential(
-            BNProjector(width, proj_hidden_dim, target_dim, num_layers=3),
-            BNProjector(target_dim, proj_hidden_dim, target_dim, num_layers=2, last_bn=False),
-        )
+        # DEFAULT: MoCo v3's ViT heads, projector then predictor (both ending in a non-affine BatchNorm).
+        heads: list[nn.Module] = [BNProjector(width, proj_hidden_dim, target_dim, num_layers=image_proj_layers)]
+        if image_pred_layers:
+            heads.append(BNProjector(target_dim, proj_hidden_dim, target_dim, num_layers=image_pred_layers))
+        self.image_head = nn.Sequential(*heads)
         self.patch_temperature = patch_temperature
         self.image_temperature = image_temperature
         self.image_weight = image_weight
         self.teacher_bf16 = teacher_bf16
-        self.optim = optim
+        self.optim = optim_config(optim)
         self.use_compile = compile
         for network in (self.student,):
             network.set_grad_checkpointing(grad_checkpointing)

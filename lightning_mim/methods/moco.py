@@ -4,9 +4,11 @@ Chen, Xie and He, "An Empirical Study of Training Self-Supervised Vision Transfo
 arXiv:2104.02057.
 
 Two augmented views of each image go through a ViT (frozen random patch projection, fixed sin-cos
-position embedding), a 3-layer BatchNorm projector and a 2-layer predictor; a momentum copy of the
-encoder and projector embeds the other view. The loss is symmetric InfoNCE over the global batch,
-scaled by 2 tau.
+position embedding), a 3-layer BatchNorm projector and a 2-layer predictor that, for ViTs, also ends
+in a non-affine BatchNorm; a momentum copy of the encoder and projector embeds the other view. The
+loss is symmetric InfoNCE over the global batch, scaled by 2 tau. Defaults follow the official code
+(facebookresearch/moco-v3): its ViT-S has 12 heads, its initialisation is ``init_mocov3_vit_``,
+every parameter is weight-decayed, and crops are resized bilinearly.
 
 Batch keys (uint8 images, normalised on the device):
     ``images``: (B, 3, H, W) the first view.
@@ -19,7 +21,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -42,13 +44,31 @@ from lightning_mim.methods._validation import (
 from lightning_mim.nn import BNProjector, freeze_sincos_pos_embed
 from lightning_mim.nn.compile import compile_in_place
 from lightning_mim.nn.heads import sync_batchnorm_on_gpus
+from lightning_mim.nn.init import init_mocov3_vit_
 from lightning_mim.nn.timm_models import TimmArgs, create_timm_model, timm_family
-from lightning_mim.optim import OptimConfig, configure_adamw
+from lightning_mim.optim import DECAY_ALL, OptimConfig, configure_adamw, optim_config, resumable_optim
 
-__all__ = ["MOCOV3_OPTIM", "MoCoV3Module"]
+__all__ = ["MOCOV3_OPTIM", "MOCOV3_VIT_HEADS", "MoCoV3Module"]
 
-#: MoCo v3's ViT recipe: AdamW, lr 1.5e-4 per 256 images, wd 0.1, 40 warmup epochs, cosine to 0.
-MOCOV3_OPTIM = OptimConfig(lr=1.5e-4, base_batch_size=256, min_lr=0.0, weight_decay=0.1, warmup_epochs=40)
+#: MoCo v3's ViT recipe: AdamW, lr 1.5e-4 per 256 images, wd 0.1 on every parameter (main_moco.py:
+#: ``AdamW(model.parameters(), ...)``: biases, norms and the class token included), 40 warmup
+#: epochs, cosine to 0.
+MOCOV3_OPTIM = OptimConfig(
+    lr=1.5e-4, base_batch_size=256, min_lr=0.0, weight_decay=0.1, decay_rule=DECAY_ALL, warmup_epochs=40
+)
+
+#: Attention heads of the official ViTs where timm's differ: MoCo v3's ``vit_small`` has 12 heads of
+#: width 32, timm's ``vit_small_*`` 6 of width 64. Applied unless ``backbone_kwargs`` sets ``num_heads``.
+MOCOV3_VIT_HEADS = {"vit_small_": 12}
+
+
+def mocov3_backbone_kwargs(backbone: str, backbone_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """timm arguments of MoCo v3's encoder: the official head count for ``vit_small_*`` unless given."""
+    kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": "token"}
+    for prefix, heads in MOCOV3_VIT_HEADS.items():
+        if backbone.startswith(prefix):
+            kwargs["num_heads"] = heads
+    return {**kwargs, **(backbone_kwargs or {})}
 
 
 _STEP_STREAM = 0x5354  # seeds the global generators at each training step ("ST")
@@ -74,7 +94,9 @@ class MoCoV3Module(pl.LightningModule):
 
     Args:
         backbone: timm ViT name; its CLS token after the final norm is the image feature.
-        backbone_kwargs: timm arguments (e.g. ``img_size``, ``patch_size``, ``embed_dim``).
+            ``vit_small_*`` is built with MoCo v3's 12 heads (``MOCOV3_VIT_HEADS``).
+        backbone_kwargs: timm arguments (e.g. ``img_size``, ``patch_size``, ``embed_dim``,
+            ``num_heads``: 6 gives timm's ViT-S).
         proj_hidden_dim: Projector and predictor hidden width (MoCo v3: 4096).
         proj_dim: Output width (MoCo v3: 256).
         temperature: InfoNCE temperature (MoCo v3 ViT: 0.2); each term is scaled by 2 tau.
@@ -83,7 +105,10 @@ class MoCoV3Module(pl.LightningModule):
         freeze_patch_projection: Keep the random patch projection fixed (MoCo v3's stability trick).
         fixed_pos_embed: Use the fixed 2-D sin-cos position embedding (MoCo v3's ViT does).
         sync_batchnorm: Synchronise the heads' BatchNorm statistics across GPUs (MoCo v3 does).
-        optim: AdamW + warmup-cosine settings; default ``MOCOV3_OPTIM``.
+        init: ``"official"``: MoCo v3's ViT initialisation (:func:`~lightning_mim.nn.init.init_mocov3_vit_`:
+            xavier-uniform Linears with qkv as three blocks, patch projection uniform(+-sqrt(6 /
+            (3 p^2 + D))), class token normal(1e-6)); ``"timm"`` keeps timm's.
+        optim: AdamW + warmup-cosine settings; default ``MOCOV3_OPTIM`` (weight decay on every parameter).
         compile: ``torch.compile`` the base and momentum encoders in place when training starts
             (checkpoints unchanged).
         grad_checkpointing: Recompute the trained encoder's blocks in the backward pass (activation
@@ -104,6 +129,7 @@ class MoCoV3Module(pl.LightningModule):
         freeze_patch_projection: bool = True,
         fixed_pos_embed: bool = True,
         sync_batchnorm: bool = True,
+        init: Literal["official", "timm"] = "official",
         optim: OptimConfig = MOCOV3_OPTIM,
         compile: bool = False,
         grad_checkpointing: bool = False,
@@ -113,10 +139,13 @@ class MoCoV3Module(pl.LightningModule):
         super().__init__()
         self._step_stream = CountedStream(_STEP_STREAM)
         self.save_hyperparameters(ignore=["optim"])
+        optim = optim_config(optim)
         self.hparams["optim"] = dataclasses.asdict(optim)  # plain types: checkpoints load with weights_only
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         owner = type(self).__name__
+        if init not in ("official", "timm"):
+            raise ValueError(f"{owner}(init={init!r}): must be 'official' or 'timm'")
         check_positive(owner, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim)
         check_momenta(owner, momentum=momentum, final_momentum=final_momentum)
         check_normalization(owner, mean, std)
@@ -124,16 +153,20 @@ class MoCoV3Module(pl.LightningModule):
         family = timm_family(backbone, names)
         if family not in ("timm.models.vision_transformer", "timm.models.beit"):
             raise TypeError(f"{owner}(backbone={backbone!r}): a {family} model; MoCo v3 here trains a timm ViT or BEiT")
-        kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": "token", **(backbone_kwargs or {})}
+        kwargs = mocov3_backbone_kwargs(backbone, backbone_kwargs)
         encoder: Any = create_timm_model(backbone, names, **kwargs)
         self._encoder_spec = (backbone, kwargs)
+        if init == "official":
+            init_mocov3_vit_(encoder)
         if freeze_patch_projection:
             encoder.patch_embed.requires_grad_(False)
         if fixed_pos_embed and getattr(encoder, "pos_embed", None) is not None:
-            freeze_sincos_pos_embed(encoder.pos_embed, tuple(encoder.patch_embed.grid_size))
+            freeze_sincos_pos_embed(encoder.pos_embed, tuple(encoder.patch_embed.grid_size), order="rows_first")
         width = int(encoder.num_features)
+        # The heads keep PyTorch's default initialisation, as in the official code (built after the ViT's).
         self.base = _Branch(encoder, BNProjector(width, proj_hidden_dim, proj_dim, num_layers=3))
-        self.predictor = BNProjector(proj_dim, proj_hidden_dim, proj_dim, num_layers=2, last_bn=False)
+        # MoCo v3's ViT predictor ends in a non-affine BatchNorm (_build_mlp's default last_bn=True).
+        self.predictor = BNProjector(proj_dim, proj_hidden_dim, proj_dim, num_layers=2, last_bn=True)
         self.momentum_branch = copy.deepcopy(self.base).requires_grad_(False)
         self.temperature = temperature
         self.sync_batchnorm = sync_batchnorm
@@ -156,8 +189,8 @@ class MoCoV3Module(pl.LightningModule):
         return self.base.projector
 
     def train_views(self) -> TwoCropViews:
-        """Data-loader transform producing ``images`` and ``images_2``."""
-        return TwoCropViews(size=self.image_size)
+        """Data-loader transform producing ``images`` and ``images_2`` (bilinear crops, as the official code)."""
+        return TwoCropViews(size=self.image_size, interpolation="bilinear")
 
     def eval_views(self) -> EvalView:
         """Data-loader transform for validation and kNN images."""
@@ -229,5 +262,73 @@ class MoCoV3Module(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = read_meta(checkpoint, "mocov3")
+        check_encoder_args(meta, self._encoder_spec, type(self).__name__)
         if "step_stream" in meta:  # absent from checkpoints of version 0.1
             self._step_stream.load_state_dict(meta["step_stream"])
+        self.optim = resumable_optim(self.optim, checkpoint, type(self).__name__)
+        self.hparams["optim"] = dataclasses.asdict(self.optim)
+        add_predictor_bn_statistics(checkpoint["state_dict"], self.predictor, "predictor.")
+
+
+def timm_heads(arch: str, args: dict[str, Any]) -> int:
+    """The number of attention heads ``timm.create_model(arch, **args)`` gives (built on the meta device)."""
+    if "num_heads" in args:
+        return int(args["num_heads"])
+    with torch.device("meta"):
+        model = create_timm_model(arch, **args)
+    return int(model.blocks[0].attn.num_heads)
+
+
+def check_encoder_args(meta: dict[str, Any], spec: tuple[str, dict[str, Any]], owner: str) -> None:
+    """Refuses a checkpoint whose encoder was built with other timm arguments than this module's.
+
+    Shapes do not tell every architecture apart: a 6-head and a 12-head ViT-S have the same weight
+    shapes. The checkpoint's recorded ``timm.create_model`` arguments must equal the module's, the
+    head count compared as built (a checkpoint of lightning-mim 0.1 records none: timm's default).
+    """
+    from lightning_mim.export import model_args
+
+    recorded = meta.get("encoders", {}).get("student", {})
+    if not recorded:
+        return
+    arch, kwargs = spec
+    written, built = dict(recorded.get("model_args", {})), model_args(kwargs)
+    written["num_heads"] = timm_heads(str(recorded.get("arch")), written)
+    built["num_heads"] = timm_heads(arch, built)
+    if (recorded.get("arch"), written) == (arch, built):
+        return
+    differ = sorted(k for k in {*written, *built} if written.get(k) != built.get(k))
+    hint = (
+        f" (pass --model.backbone_kwargs '{{num_heads: {written['num_heads']}}}' to load it)"
+        if differ == ["num_heads"]
+        else ""
+    )
+    raise ValueError(
+        f"{owner}: the checkpoint's encoder is {recorded.get('arch')}({written}), this module builds "
+        f"{arch}({built}); they differ in {differ}{hint}"
+    )
+
+
+def add_predictor_bn_statistics(state_dict: dict[str, Any], predictor: nn.Module, prefix: str) -> None:
+    """Completes a lightning-mim 0.1 state dict, whose MoCo v3 predictor had no final BatchNorm.
+
+    The final BatchNorm is non-affine, so only its running statistics are missing; they are added
+    as identity statistics (mean 0, variance 1) with a warning: the weights load, and in training
+    the BatchNorm normalises with batch statistics as the official predictor does.
+    """
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    expected = {f"{prefix}{name}": buffer for name, buffer in predictor.named_buffers()}
+    missing = [name for name in expected if name not in state_dict]
+    if not missing:
+        return
+    rank_zero_warn(
+        "this MoCo v3 checkpoint (lightning-mim 0.1) has a predictor without MoCo v3's final BatchNorm; "
+        "it was added with identity running statistics, so the predictor's outputs now follow the official design"
+    )
+    for name in missing:
+        state_dict[name] = (
+            torch.zeros_like(expected[name])
+            if "mean" in name or "num_batches" in name
+            else torch.ones_like(expected[name])
+        )

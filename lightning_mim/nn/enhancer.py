@@ -20,7 +20,8 @@ Objective = Literal["respix", "revdet"]
 class Enhancer(nn.Module):
     """A timm backbone (``self.backbone``, exactly what timm loads) and one CIM head.
 
-    Heads (CIM, arXiv:2202.03382):
+    Heads (chosen defaults: CIM, arXiv:2202.03382, publishes no code, and these layer designs are ours,
+    not confirmed from the paper's text):
 
     * ViT, RevDet: LayerNorm + Linear(D, 1) per patch token -> one logit per visual token.
     * ViT, ResPix: Linear(D, P*P*3) per patch token, unpatchified to the full image.
