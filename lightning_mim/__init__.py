@@ -1,6 +1,6 @@
 """lightning-mim: masked-image-modeling pre-training of vision encoders with PyTorch Lightning."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from lightning_mim.methods import (
     CIMModule,

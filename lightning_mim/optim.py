@@ -142,8 +142,13 @@ class OptimConfig:
             object.__setattr__(self, "decay_rule", _decay_rule(self.decay_rule))
 
 
+def _plain_fields(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Dataclass fields from their ``asdict`` / YAML form: lists become tuples."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+
+
 def _decay_rule(fields: Mapping[str, Any]) -> WeightDecayRule:
-    return WeightDecayRule(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    return WeightDecayRule(**_plain_fields(fields))
 
 
 def optim_config(value: OptimConfig | Mapping[str, Any]) -> OptimConfig:
@@ -153,9 +158,10 @@ def optim_config(value: OptimConfig | Mapping[str, Any]) -> OptimConfig:
     """
     if isinstance(value, OptimConfig):
         return value
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
-    if isinstance(fields.get("decay_rule"), Mapping):
-        fields["decay_rule"] = _decay_rule(fields["decay_rule"])
+    fields = _plain_fields(value)
+    rule = fields.get("decay_rule")
+    if isinstance(rule, Mapping):
+        fields["decay_rule"] = _decay_rule(rule)
     return OptimConfig(**fields)
 
 

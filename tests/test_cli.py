@@ -12,6 +12,9 @@ import yaml
 from PIL import Image
 
 from lightning_mim.cli import LightningMIMCLI
+from lightning_mim.methods.cmae import CMAE_DECAY_RULE, MAE_DECAY_RULE
+from lightning_mim.methods.conmim import CONMIM_DECAY_RULE
+from lightning_mim.optim import DECAY_ALL
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -49,6 +52,14 @@ def test_config_parses_and_instantiates(config: Path, tmp_path: Path) -> None:
         args += ["--model.weights", "null", "--model.arch", arch]
     cli = LightningMIMCLI(args=args, run=False)
     assert cli.model is not None and cli.datamodule is not None
+    assert cli.model.optim.recipe_batch_size, "every recipe states the global batch it reproduces"
+    official_rules = {"conmim": CONMIM_DECAY_RULE, "cmae": CMAE_DECAY_RULE, "mae": MAE_DECAY_RULE, "mocov3": DECAY_ALL}
+    family = config.stem.split("_")[0]
+    if config in RECIPES and family in official_rules:
+        assert cli.model.optim.decay_rule == official_rules[family]  # the official code's rule
+        assert cli.model.hparams["init"] == "official"
+    if config.name == "mocov3_vits.yaml":
+        assert cli.model.encoder.blocks[0].attn.num_heads == 12  # MoCo v3's ViT-S, not timm's 6 heads
     if config in RECIPES:
         assert cli.trainer.precision == "bf16-mixed"
         if config.name != "vq_tokenizer.yaml":  # CIM's stage 0 stands in for the dVAE: no published number

@@ -99,7 +99,9 @@ def test_loss_falls_on_a_fixed_batch(stage1_ckpt: Path) -> None:
     torch.manual_seed(0)
     module = stage2(stage1_ckpt)
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    losses = losses_on_fixed_batch(module, {"images": images}, steps=20, lr=2e-3)
+    # 30 steps: the default random masking hides 75% of the patches (BEiT blocks hid 38%), so the loss
+    # falls more slowly than it did (measured: last/first 0.72 at 30 steps, 0.79 at 20)
+    losses = losses_on_fixed_batch(module, {"images": images}, steps=30, lr=2e-3)
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
 
 

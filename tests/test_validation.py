@@ -272,6 +272,7 @@ def test_mimco_teacher_must_match_the_student(tmp_path: Path) -> None:
         teacher_arch="vit_small_patch16_224",
         teacher_weights=str(weights),
         teacher_kwargs=fine,
+        image_target="cls",  # a timm teacher has no projector
     )
     with pytest.raises(ValueError, match=r"^MimCoModule\(teacher_arch='vit_nope'\): unknown timm architecture"):
         mimco(**{**kwargs, "teacher_arch": "vit_nope"})

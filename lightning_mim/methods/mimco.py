@@ -243,7 +243,9 @@ class MimCoModule(pl.LightningModule):
         if image_target == "cls":
             self.teacher_projector = None
         self.image_target = image_target
-        target_dim = teacher_width if image_target == "cls" else int(self._projector_out(self.teacher_projector))
+        target_dim = (
+            teacher_width if self.teacher_projector is None else int(self._projector_out(self.teacher_projector))
+        )
         width, grid = self.student.embed_dim, self.student.grid_size
         if masking is None:  # DEFAULT
             masking = RandomMasking(grid, mask_ratio)
