@@ -336,18 +336,23 @@ def _fit_and_save(module: Any, folder: Path, **data_kwargs: Any) -> Path:
     return folder / "last.ckpt"
 
 
-def _as_version_0_1(path: Path, drop_heads: bool = False) -> Path:
+def _as_version_0_1(path: Path, drop_heads: bool = False, encoders_entry: bool = True) -> Path:
     """The checkpoint as lightning-mim 0.1 wrote it: no decay_rule in the optim hyperparameters, no final
-    predictor BatchNorm statistics (MoCo v3), no recorded head count (0.1 built timm's default)."""
+    predictor BatchNorm statistics (MoCo v3), no recorded head count (0.1 built timm's default); the
+    0.1.0 release recorded no encoders entry either (``encoders_entry=False``)."""
     checkpoint = torch.load(path, weights_only=True)
+    checkpoint["lightning_mim"].pop("version")
+    if not encoders_entry:
+        checkpoint["lightning_mim"].pop("encoders")
     checkpoint["hyper_parameters"]["optim"].pop("decay_rule")
     checkpoint["hyper_parameters"]["optim"].pop("recipe_batch_size")
     for key in [k for k in checkpoint["state_dict"] if k.startswith("predictor.4.")]:
         del checkpoint["state_dict"][key]
     if drop_heads:
         checkpoint["hyper_parameters"]["backbone_kwargs"].pop("num_heads")
-        checkpoint["lightning_mim"]["encoders"]["student"]["model_args"].pop("num_heads", None)
-    old = path.with_name("v0.1.ckpt")
+        for entry in checkpoint["lightning_mim"].get("encoders", {}).values():
+            entry["model_args"].pop("num_heads", None)
+    old = path.with_name(f"v0.1{'' if encoders_entry else '.0'}.ckpt")
     torch.save(checkpoint, old)
     return old
 
@@ -378,20 +383,28 @@ def test_mocov3_checkpoints_of_version_0_1_resume_and_teach(tmp_path: Path) -> N
 
 def test_six_head_vit_s_of_version_0_1_is_not_loaded_as_twelve_heads(tmp_path: Path) -> None:
     vit_s = {"img_size": 32, "patch_size": 8, "depth": 1}
-    written = MoCoV3Module(backbone_kwargs={**vit_s, "num_heads": 6}, proj_hidden_dim=64, proj_dim=16)
-    old = _as_version_0_1(_fit_and_save(written, tmp_path, train_views=TwoCropViews(32)), drop_heads=True)
-    teacher = load_mocov3_teacher(old)  # rebuilt with the 6 heads it was trained with
-    assert teacher.encoder.blocks[0].attn.num_heads == 6
+    timm_rule = dataclasses.replace(quick(MOCOV3_OPTIM), decay_rule=TIMM_DECAY_RULE)  # 0.1's optimizer groups
+    written = MoCoV3Module(backbone_kwargs={**vit_s, "num_heads": 6}, proj_hidden_dim=64, proj_dim=16, optim=timm_rule)
+    saved = _fit_and_save(written, tmp_path, train_views=TwoCropViews(32))
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     written.eval()
-    assert torch.allclose(teacher.embed(images), written.embed(images), atol=1e-5)
+    for encoders_entry in (False, True):  # the 0.1.0 release, and later 0.1 checkpoints
+        old = _as_version_0_1(saved, drop_heads=True, encoders_entry=encoders_entry)
+        teacher = load_mocov3_teacher(old)  # rebuilt with the 6 heads it was trained with
+        assert teacher.encoder.blocks[0].attn.num_heads == 6
+        assert torch.allclose(teacher.embed(images), written.embed(images), atol=1e-5)
     stage2 = MimCoModule(backbone_kwargs=vit_s, teacher_ckpt=str(old), patch_hidden_dim=32, proj_hidden_dim=64)
     assert stage2.teacher.blocks[0].attn.num_heads == 6
     # A module built with today's default (12 heads) refuses it instead of running it wrongly.
     module = MoCoV3Module(backbone_kwargs=vit_s, proj_hidden_dim=64, proj_dim=16)
     assert module.encoder.blocks[0].attn.num_heads == 12
-    with pytest.raises(ValueError, match=r"differ in \['num_heads'\].*num_heads: 6"):
-        cpu_trainer(max_steps=2, limit_val_batches=0).fit(module, data(train_views=TwoCropViews(32)), ckpt_path=old)
+    for old in (tmp_path / "v0.1.ckpt", tmp_path / "v0.1.0.ckpt"):
+        with pytest.raises(ValueError, match=r"differ in \['num_heads'\].*num_heads: 6"):
+            cpu_trainer(max_steps=2, limit_val_batches=0).fit(module, data(train_views=TwoCropViews(32)), ckpt_path=old)
+    module = MoCoV3Module(backbone_kwargs={**vit_s, "num_heads": 6}, proj_hidden_dim=64, proj_dim=16)
+    trainer = cpu_trainer(max_steps=2, limit_val_batches=0)
+    trainer.fit(module, data(train_views=TwoCropViews(32)), ckpt_path=tmp_path / "v0.1.0.ckpt")  # as the hint says
+    assert trainer.global_step == 2
     # A 12-head checkpoint teaches a 12-head teacher (the mimco_vits recipe and mocov3_vits's teacher).
     new = _fit_and_save(
         MoCoV3Module(backbone_kwargs=vit_s, proj_hidden_dim=64, proj_dim=16),

@@ -27,7 +27,9 @@ def write_meta(checkpoint: dict[str, Any], method: str, module: Any = None, **st
     With ``module`` (a method module with ``export_encoders()``), also records which timm encoders
     the checkpoint holds, so that :func:`lightning_mim.export.to_timm` needs nothing else.
     """
-    checkpoint[_KEY] = {"method": method, **state}
+    from lightning_mim import __version__
+
+    checkpoint[_KEY] = {"method": method, "version": __version__, **state}
     if module is not None:
         from lightning_mim.export import encoder_meta
 

@@ -46,7 +46,7 @@ from lightning_mim.methods.moco import (
     MoCoV3Module,
     add_predictor_bn_statistics,
     check_encoder_args,
-    timm_heads,
+    written_heads,
 )
 from lightning_mim.nn import BNProjector, MaskedViT
 from lightning_mim.nn.compile import compile_in_place
@@ -69,24 +69,10 @@ _STAGE1_HINT = (
 )
 
 
-def _heads_written(meta: dict[str, Any], hparams: dict[str, Any]) -> dict[str, Any]:
-    """``backbone_kwargs`` that rebuild the encoder a stage-1 checkpoint holds.
-
-    lightning-mim 0.1 built ``vit_small_*`` with timm's 6 heads, not MoCo v3's 12, and recorded no
-    ``num_heads``; a checkpoint of it gets timm's head count back, since the weight shapes alone
-    cannot tell the two apart.
-    """
-    kwargs = dict(hparams.get("backbone_kwargs") or {})
-    recorded = meta.get("encoders", {}).get("student", {}).get("model_args")
-    if isinstance(recorded, dict) and "num_heads" not in kwargs:
-        kwargs["num_heads"] = timm_heads(str(hparams.get("backbone")), recorded)
-    return kwargs
-
-
 def load_mocov3_teacher(path: str | Path) -> MoCoV3Module:
     """A MoCoV3Module rebuilt from a stage-1 checkpoint (``weights_only=True``), frozen, eval mode."""
     checkpoint = load_checkpoint(path, "teacher checkpoint", _STAGE1_HINT)
-    meta = read_meta(checkpoint, "mocov3")  # a clear error for another method's checkpoint
+    read_meta(checkpoint, "mocov3")  # a clear error for another method's checkpoint
     if not isinstance(checkpoint.get("hyper_parameters"), dict):
         raise ValueError(f"teacher checkpoint {path} has no hyper_parameters to rebuild the MoCo v3 model from")
     hparams = dict(checkpoint["hyper_parameters"])
@@ -94,14 +80,15 @@ def load_mocov3_teacher(path: str | Path) -> MoCoV3Module:
     for key in ("_instantiator", "_class_path"):
         hparams.pop(key, None)
     try:
-        hparams["backbone_kwargs"] = _heads_written(meta, hparams)
+        # the heads it was trained with: weight shapes cannot tell a 6-head from a 12-head ViT-S
+        hparams["backbone_kwargs"] = {**(hparams.get("backbone_kwargs") or {}), "num_heads": written_heads(checkpoint)}
         module = MoCoV3Module(**hparams, optim=optim_config(optim) if optim else MOCOV3_OPTIM)
     except TypeError as err:  # arguments of another lightning-mim version
         raise ValueError(
             f"teacher checkpoint {path}: its hyper_parameters do not rebuild a MoCoV3Module ({err}); "
             "was it written by another lightning-mim version?"
         ) from err
-    check_encoder_args(meta, module._encoder_spec, f"teacher checkpoint {path}")
+    check_encoder_args(checkpoint, module._encoder_spec, f"teacher checkpoint {path}")
     add_predictor_bn_statistics(checkpoint["state_dict"], module.predictor, "predictor.")
     try:
         module.load_state_dict(checkpoint["state_dict"])

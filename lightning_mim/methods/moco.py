@@ -262,7 +262,7 @@ class MoCoV3Module(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = read_meta(checkpoint, "mocov3")
-        check_encoder_args(meta, self._encoder_spec, type(self).__name__)
+        check_encoder_args(checkpoint, self._encoder_spec, type(self).__name__)
         if "step_stream" in meta:  # absent from checkpoints of version 0.1
             self._step_stream.load_state_dict(meta["step_stream"])
         self.optim = resumable_optim(self.optim, checkpoint, type(self).__name__)
@@ -279,23 +279,41 @@ def timm_heads(arch: str, args: dict[str, Any]) -> int:
     return int(model.blocks[0].attn.num_heads)
 
 
-def check_encoder_args(meta: dict[str, Any], spec: tuple[str, dict[str, Any]], owner: str) -> None:
+def written_heads(checkpoint: dict[str, Any]) -> int:
+    """The attention heads of the encoder in a MoCo v3 checkpoint.
+
+    Weight shapes cannot tell them apart (a 6-head and a 12-head ViT-S have the same tensors), so
+    they are read from what the checkpoint records: its encoder entry or its ``backbone_kwargs``;
+    failing both, the default of the version that wrote it: MoCo v3's for 0.2 and later (whose optim
+    hyperparameters have a ``decay_rule``), timm's before (0.1 built ``vit_small_*`` with 6 heads).
+    """
+    hparams = checkpoint.get("hyper_parameters") or {}
+    meta = checkpoint.get("lightning_mim") or {}
+    recorded = (meta.get("encoders") or {}).get("student") or {}
+    arch = str(recorded.get("arch") or hparams.get("backbone"))
+    kwargs = dict(recorded.get("model_args") or hparams.get("backbone_kwargs") or {})
+    if "num_heads" not in kwargs and "decay_rule" in (hparams.get("optim") or {}):
+        kwargs = mocov3_backbone_kwargs(arch, kwargs)
+    kwargs.pop("num_classes", None)
+    return timm_heads(arch, kwargs)
+
+
+def check_encoder_args(checkpoint: dict[str, Any], spec: tuple[str, dict[str, Any]], owner: str) -> None:
     """Refuses a checkpoint whose encoder was built with other timm arguments than this module's.
 
-    Shapes do not tell every architecture apart: a 6-head and a 12-head ViT-S have the same weight
-    shapes. The checkpoint's recorded ``timm.create_model`` arguments must equal the module's, the
-    head count compared as built (a checkpoint of lightning-mim 0.1 records none: timm's default).
+    The recorded ``timm.create_model`` arguments (when the checkpoint has them) must equal the
+    module's, and the head count as written (:func:`written_heads`) the module's.
     """
     from lightning_mim.export import model_args
 
-    recorded = meta.get("encoders", {}).get("student", {})
-    if not recorded:
-        return
     arch, kwargs = spec
-    written, built = dict(recorded.get("model_args", {})), model_args(kwargs)
-    written["num_heads"] = timm_heads(str(recorded.get("arch")), written)
+    built = model_args(kwargs)
     built["num_heads"] = timm_heads(arch, built)
-    if (recorded.get("arch"), written) == (arch, built):
+    recorded = ((checkpoint.get("lightning_mim") or {}).get("encoders") or {}).get("student") or {}
+    written = dict(recorded.get("model_args", built) or {})
+    written["num_heads"] = written_heads(checkpoint)
+    written_arch = recorded.get("arch", arch)
+    if (written_arch, written) == (arch, built):
         return
     differ = sorted(k for k in {*written, *built} if written.get(k) != built.get(k))
     hint = (
@@ -304,7 +322,7 @@ def check_encoder_args(meta: dict[str, Any], spec: tuple[str, dict[str, Any]], o
         else ""
     )
     raise ValueError(
-        f"{owner}: the checkpoint's encoder is {recorded.get('arch')}({written}), this module builds "
+        f"{owner}: the checkpoint's encoder is {written_arch}({written}), this module builds "
         f"{arch}({built}); they differ in {differ}{hint}"
     )
 
