@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -21,6 +22,7 @@ import lightning.pytorch as pl
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.plugins import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 import lightning_mim.callbacks
@@ -29,6 +31,45 @@ import lightning_mim.methods  # noqa: F401 - registers the method modules
 from lightning_mim.checkpoint_io import AtomicCheckpointIO
 
 __all__ = ["LightningMIMCLI", "main"]
+
+#: Set to 1 for the full traceback of a user error (a bad config value, a missing or wrong checkpoint).
+DEBUG_ENV = "LIGHTNING_MIM_DEBUG"
+_MISSING = object()
+
+
+class _ConfigDecidesHyperparameters(Callback):
+    """On resume, lists once the hyperparameters in which the checkpoint and this run differ.
+
+    The run's config and command line build the model; the checkpoint only restores its state
+    (weights, optimizer, schedule, loop and random streams). Lightning's CLI would instead re-apply a
+    checkpoint's stored hyperparameters when ``--ckpt_path`` names a file (not for ``last``), even
+    replacing the configured class; lightning-mim does the same for both.
+    """
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        stored = checkpoint.get("hyper_parameters") or {}
+        current = dict(pl_module.hparams)
+        names = sorted(k for k in {*stored, *current} if not k.startswith("_"))
+        differ = [k for k in names if _plain(stored.get(k, _MISSING)) != _plain(current.get(k, _MISSING))]
+        if differ:
+            listed = "; ".join(f"{k}: checkpoint {_shown(stored, k)}, this run {_shown(current, k)}" for k in differ)
+            rank_zero_warn(
+                f"resuming with this run's hyperparameters where they differ from the checkpoint's "
+                f"(the config and command line decide the model, the checkpoint restores its state): {listed}"
+            )
+
+
+def _plain(value: Any) -> Any:
+    """Comparable form: tuples and lists alike."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _shown(values: dict[str, Any], key: str) -> str:
+    return "(absent)" if key not in values else repr(values[key])
 
 
 class LightningMIMCLI(LightningCLI):
@@ -53,7 +94,17 @@ class LightningMIMCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         super().__init__(pl.LightningModule, pl.LightningDataModule, args=args, run=run, **kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        """The config decides the model, also with ``--ckpt_path FILE`` (see ``_ConfigDecidesHyperparameters``).
+
+        Lightning's CLI re-applies the hyperparameters stored in a checkpoint file over the config
+        (but not those of ``last``): a checkpoint of another method would silently replace the
+        configured model, and command-line overrides would be dropped. Here nothing is re-applied; a
+        checkpoint of another method fails when it is loaded, naming both methods.
+        """
+
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        callbacks = [*callbacks, _ConfigDecidesHyperparameters()]
         plugins = config.get("plugins")
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
@@ -106,6 +157,14 @@ def main(args: ArgsType = None) -> None:
         LightningMIMCLI(args=args)
     except SIGTERMException:  # preempted: the Preemption callback wrote the checkpoint
         sys.exit(143)  # 128 + SIGTERM, what schedulers expect from a job stopped by a signal
+    except (ValueError, FileNotFoundError) as err:
+        # What the modules and data raise for bad input (a config value, a missing or wrong
+        # checkpoint, missing data) already names the problem: one line, not a chained traceback.
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        command = argv[0] if isinstance(argv, list) and argv and not str(argv[0]).startswith("-") else "fit"
+        sys.stderr.write(f"lightning-mim {command}: error: {err}\n({DEBUG_ENV}=1 shows the traceback)\n")
+        sys.exit(2)
 
 
 if __name__ == "__main__":
