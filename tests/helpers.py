@@ -124,3 +124,62 @@ def tiny_method(method: str, drop_path: float = 0.0) -> tuple[pl.LightningModule
         )
         teacher = module.target_encoder
     return module, teacher
+
+
+class StopAtEpochEnd(pl.Callback):
+    """Sets ``trainer.should_stop`` at the end of every training epoch, as EarlyStopping and Timer do."""
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        trainer.should_stop = True
+
+
+class LinearOnCrops(pl.LightningModule):
+    """A linear model on random 16-px crops: its weights depend on every batch, its order and its views."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(3 * 16 * 16, 4)
+
+    @staticmethod
+    def crop(image: torch.Tensor) -> dict[str, torch.Tensor]:
+        from torchvision.transforms import v2
+
+        return {"images": v2.RandomHorizontalFlip()(v2.RandomCrop(16)(image))}
+
+    def train_views(self) -> Any:
+        return self.crop
+
+    def eval_views(self) -> Any:
+        return lambda image: {"images": image[:, :16, :16]}
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return (self.net(batch["images"].float().flatten(1) / 255.0) - 1.0).pow(2).mean()
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log("val/loss", self.training_step(batch, batch_idx))
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def fit_stopping_at_epoch_end(
+    data: pl.LightningDataModule, tmp: Any, stop: bool, ckpt_path: str | None = None
+) -> tuple[LinearOnCrops, pl.Trainer]:
+    """Two epochs of a step-limited run (as the quickstarts: ``max_steps`` set, validation every 250
+    steps), optionally stopped at the end of the first; ``last.ckpt`` in ``tmp``."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    pl.seed_everything(7)
+    module = LinearOnCrops()
+    callbacks: list[pl.Callback] = [ModelCheckpoint(dirpath=tmp, save_last=True)]
+    trainer = cpu_trainer(
+        max_epochs=2,
+        max_steps=1000,
+        val_check_interval=250,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        enable_checkpointing=True,
+        callbacks=[*callbacks, *([StopAtEpochEnd()] if stop else [])],
+    )
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return module, trainer

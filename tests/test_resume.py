@@ -224,3 +224,31 @@ def test_derived_seeds_are_decorrelated() -> None:
     picks = [torch.randint(0, 2048, (64,), generator=stream.next(0)) for _ in range(200)]
     same = sum(int((a == b).sum()) for a, b in zip(picks[1:], picks[:-1], strict=True))
     assert same < 0.01 * 64 * 199 + 20  # consecutive draws agree only by chance (1/2048 per pick)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("source", ["sample", "folder"])
+def test_resume_after_a_stop_at_an_epoch_boundary(source: str, workers: int, tmp_path: Path) -> None:
+    """A step-limited run stopped by ``should_stop`` at the end of epoch 0 resumes with all of epoch 1
+    (it ran only epoch 1's last batch: Lightning carried the finished epoch's batch count over)."""
+    from lightning_mim.data import ImageNetDataModule
+
+    from .helpers import fit_stopping_at_epoch_end
+    from .test_streaming import _write_sample_folder
+
+    def data() -> pl.LightningDataModule:
+        if source == "sample":
+            return SampleDataModule(batch_size=16, num_workers=workers, train_size=48, val_size=16)  # 3 steps
+        return ImageNetDataModule(tmp_path / "images", batch_size=64, num_workers=workers)  # 200 images: 3 steps
+
+    if source == "folder":
+        _write_sample_folder(tmp_path / "images")
+    reference, trainer = fit_stopping_at_epoch_end(data(), tmp_path / "a", stop=False)
+    assert trainer.global_step == 6
+    _, stopped = fit_stopping_at_epoch_end(data(), tmp_path / "b", stop=True)
+    assert stopped.global_step == 3
+    resumed, trainer = fit_stopping_at_epoch_end(
+        data(), tmp_path / "b", stop=False, ckpt_path=str(tmp_path / "b" / "last.ckpt")
+    )
+    assert trainer.global_step == 6
+    torch.testing.assert_close(resumed.net.weight, reference.net.weight, atol=1e-6, rtol=0)

@@ -292,3 +292,24 @@ def test_cli_fits_a_quickstart_config_on_streamed_data(prepared: tuple[Path, Pat
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=2` reached" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_after_a_stop_at_an_epoch_boundary(
+    workers: int, prepared: tuple[Path, Path, str], tmp_path: Path
+) -> None:
+    """As for the other data modules (tests/test_resume.py): all of epoch 1 after a stop at epoch 0's end."""
+    from .helpers import fit_stopping_at_epoch_end
+
+    def data() -> StreamingDataModule:
+        return StreamingDataModule(str(prepared[1]), batch_size=64, num_workers=workers)  # 200 images: 3 steps
+
+    reference, trainer = fit_stopping_at_epoch_end(data(), tmp_path / "a", stop=False)
+    assert trainer.global_step == 6
+    _, stopped = fit_stopping_at_epoch_end(data(), tmp_path / "b", stop=True)
+    assert stopped.global_step == 3
+    resumed, trainer = fit_stopping_at_epoch_end(
+        data(), tmp_path / "b", stop=False, ckpt_path=str(tmp_path / "b" / "last.ckpt")
+    )
+    assert trainer.global_step == 6
+    torch.testing.assert_close(resumed.net.weight, reference.net.weight, atol=1e-6, rtol=0)

@@ -112,6 +112,8 @@ class _ViewsDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "call setup() first"
+        if self.trainer is not None:
+            watch_epoch_boundary(self.trainer)
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
@@ -169,6 +171,44 @@ class _ResumableLoader(DataLoader):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         pass
+
+
+def forget_finished_epoch(trainer: pl.Trainer) -> None:
+    """Starts the batch count of a resumed run's new epoch at 0 when its checkpoint was written after an epoch ended.
+
+    A step-limited run (``max_steps``) that stopped at an epoch boundary (``trainer.should_stop`` set in
+    ``on_train_epoch_end``, as ``EarlyStopping`` and ``Timer`` do) saves the finished epoch's batch count
+    with the loop state. Lightning resumes such a run as "restarting" and keeps that count for the next
+    epoch, so with a resumable loader (ours continue exactly where the data stood: the start of the
+    next epoch) the next epoch would end after its last ``len - count`` batches. A no-op unless the
+    restored epoch is complete and its batch count was carried over. Runs in ``on_train_start``: after
+    Lightning restores the loops, before the epoch loop starts.
+    """
+    loop = trainer.fit_loop
+    epoch: Any = loop.epoch_progress.current  # a _ProcessedTracker: ready, started, processed, completed
+    batches = loop.epoch_loop.batch_progress.current
+    finished = epoch.ready == epoch.started == epoch.processed == epoch.completed
+    # A checkpoint written at the end of an epoch's last training batch is Lightning's own case: its
+    # epoch loop completes that batch and resets the count itself.
+    on_batch_end = getattr(loop.epoch_loop, "restarted_on_train_batch_end", False)  # Lightning >= 2.5
+    if loop.restarting and finished and batches.ready > 0 and not on_batch_end:
+        loop.epoch_loop.batch_progress.reset_on_run()
+        loop.epoch_loop.scheduler_progress.reset_on_run()
+        loop.epoch_loop.automatic_optimization.optim_progress.reset_on_run()
+
+
+class _EpochBoundaryResume(pl.Callback):
+    """Installed by the data modules on their trainer: :func:`forget_finished_epoch` when training starts."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        forget_finished_epoch(trainer)
+
+
+def watch_epoch_boundary(trainer: pl.Trainer) -> None:
+    """Adds :class:`_EpochBoundaryResume` to ``trainer`` once (a data module has no training hooks of its own)."""
+    callbacks = getattr(trainer, "callbacks", None)
+    if isinstance(callbacks, list) and not any(isinstance(c, _EpochBoundaryResume) for c in callbacks):
+        callbacks.append(_EpochBoundaryResume())
 
 
 def _batches_done(trainer: pl.Trainer) -> int:

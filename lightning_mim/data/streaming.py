@@ -49,7 +49,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError('lightning_mim.data.streaming needs litdata: pip install "lightning-mim[streaming]"') from err
 
 from lightning_mim._rng import mix_seed, stream_seed
-from lightning_mim.data.datamodule import _ViewsDataModule
+from lightning_mim.data.datamodule import _ViewsDataModule, watch_epoch_boundary
 from lightning_mim.data.folder import IMAGE_EXTENSIONS, _scan, _where, decode_rgb_bytes
 from lightning_mim.data.sampling import _VIEW_STREAM, apply_seeded
 
@@ -502,6 +502,8 @@ class StreamingDataModule(_ViewsDataModule):
     def train_dataloader(self) -> litdata.StreamingDataLoader:
         assert isinstance(self.train_set, _Indexed), "call setup() first"
         trainer = self.trainer
+        if trainer is not None:
+            watch_epoch_boundary(trainer)
         world_size, rank, num_nodes, epoch = (
             (trainer.world_size, trainer.global_rank, trainer.num_nodes, trainer.current_epoch)
             if trainer is not None
