@@ -5,6 +5,14 @@
     lightning-mim fit --config configs/conmim_vitb.yaml --print_config
     lightning-mim export runs/conmim_vitb/checkpoints/last.ckpt exported/conmim_vitb [--which teacher]
     lightning-mim prepare-data /data/imagenet /data/imagenet-chunks   # litdata chunks for StreamingDataModule
+    lightning-mim recipes                      # the packaged recipes and what each reproduces
+    lightning-mim recipes show conmim_vitb.yaml > my_recipe.yaml
+
+The recipes ship inside the package (``lightning_mim/recipes``; ``configs/`` in a checkout links to
+it): ``--config NAME.yaml`` (or ``configs/NAME.yaml``) that is not a file in the working directory
+names the packaged recipe, so the commands above work from any folder and from a wheel. A local file
+always wins; the first line printed says which was used. As with ``python -m lightning_mim``, the
+working directory is importable, so ``--model.class_path mymodule.MyConMIM`` finds ``./mymodule.py``.
 
 Any LightningModule / LightningDataModule can be named by ``class_path``; lightning-mim's are
 importable by their short names (``ConMIMModule``, ``ImageNetDataModule``, ``SampleDataModule``).
@@ -16,6 +24,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -34,6 +43,41 @@ __all__ = ["LightningMIMCLI", "main"]
 
 #: Set to 1 for the full traceback of a user error (a bad config value, a missing or wrong checkpoint).
 DEBUG_ENV = "LIGHTNING_MIM_DEBUG"
+#: The packaged recipes and quickstarts.
+RECIPES = Path(__file__).resolve().parent / "recipes"
+
+
+def packaged_recipe(name: str) -> Path | None:
+    """The packaged recipe ``name`` (``conmim_vitb.yaml``, ``quickstart/conmim.yaml``; a leading
+    ``configs/`` as in a checkout is allowed), or None."""
+    relative = name.removeprefix("./").removeprefix("configs/")
+    path = (RECIPES / relative).resolve()
+    return path if path.is_file() and path.suffix == ".yaml" and RECIPES in path.parents else None
+
+
+def resolve_config_args(args: list[str]) -> list[str]:
+    """``args`` with each ``--config NAME`` that is not a file replaced by the packaged recipe of that name.
+
+    A local file always wins. On rank 0 the first line printed says which file each ``--config`` is.
+    """
+    resolved = list(args)
+    for i, arg in enumerate(resolved):
+        if arg == "--config" and i + 1 < len(resolved):
+            at, value = i + 1, resolved[i + 1]
+        elif arg.startswith("--config="):
+            at, value = i, arg.partition("=")[2]
+        else:
+            continue
+        local = Path(value).expanduser()
+        recipe = None if local.is_file() else packaged_recipe(value)
+        if recipe is not None:
+            resolved[at] = str(recipe) if at == i + 1 else f"--config={recipe}"
+        if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
+            said = f"packaged recipe {recipe.relative_to(RECIPES)} ({recipe})" if recipe else f"{local.resolve()}"
+            sys.stderr.write(f"lightning-mim: config {said}\n")
+    return resolved
+
+
 _MISSING = object()
 
 
@@ -88,6 +132,10 @@ class LightningMIMCLI(LightningCLI):
     """
 
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
+        if args is None:  # the command line: packaged recipes by name (see the module docstring)
+            sys.argv[1:] = resolve_config_args(sys.argv[1:])
+        elif isinstance(args, list):
+            args = resolve_config_args([str(a) for a in args])
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("subclass_mode_model", True)
@@ -142,9 +190,42 @@ def export_main(argv: list[str]) -> None:
     )
 
 
+def recipes_main(argv: list[str]) -> None:
+    """``lightning-mim recipes`` (list, with what each reproduces) and ``lightning-mim recipes show NAME``."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-mim recipes", description="The recipes and quickstarts that ship with lightning-mim."
+    )
+    parser.add_argument("show", nargs="?", choices=["show"], help="print one recipe, to copy and edit")
+    parser.add_argument("name", nargs="?", help="the recipe to show, e.g. conmim_vitb.yaml or quickstart/conmim.yaml")
+    options = parser.parse_args(argv)
+    if options.show:
+        recipe = packaged_recipe(options.name or "")
+        if recipe is None:
+            parser.exit(
+                2, f"lightning-mim recipes: error: no packaged recipe {options.name!r}; see `lightning-mim recipes`\n"
+            )
+        sys.stdout.write(recipe.read_text())
+        return
+    for path in sorted(RECIPES.rglob("*.yaml"), key=lambda p: (p.parent != RECIPES, str(p))):
+        lines = [line[2:].strip() for line in path.read_text().splitlines() if line.startswith("# ")]
+        title = lines[0] if lines else ""
+        target = next((line for line in lines if line.startswith("Target:")), "")
+        print(f"{path.relative_to(RECIPES)!s:32s} {title}" + (f"\n{'':32s} {target}" if target else ""))
+    print(
+        "\nrun one from any folder: lightning-mim fit --config NAME.yaml; "
+        "copy one to edit: lightning-mim recipes show NAME.yaml > my.yaml"
+    )
+
+
 def main(args: ArgsType = None) -> None:
     """Entry point of ``lightning-mim`` and ``python -m lightning_mim``."""
     argv = sys.argv[1:] if args is None else args
+    # As ``python -m`` does: modules in the working directory are importable (``--model.class_path mymodule.X``).
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    if isinstance(argv, list) and argv[:1] == ["recipes"]:
+        recipes_main([str(a) for a in argv[1:]])
+        return
     if isinstance(argv, list) and argv[:1] == ["export"]:
         export_main([str(a) for a in argv[1:]])
         return
