@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import pickle
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     checkpoints fetched over http(s) without restriction. lightning-mim checkpoints hold only
     tensors and plain Python values, so they always load this way.
 
+    Failures name the file and the cause: a checkpoint that cannot be written (a full disk, say) is
+    reported with its path and the free space, the previous checkpoint of that name left in place; one
+    that cannot be read (truncated by an interrupted copy, corrupt) raises a ``ValueError`` saying so.
+
     ``lightning-mim fit`` uses it by default. With a plain Trainer::
 
         trainer = pl.Trainer(plugins=[AtomicCheckpointIO()])
@@ -54,6 +61,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(partial, target)
+        except (OSError, RuntimeError) as err:  # torch.save reports a short write as "unexpected pos ..."
+            written = partial.stat().st_size if partial.exists() else 0
+            partial.unlink(missing_ok=True)
+            raise _write_error(target, written, err) from err
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
@@ -66,7 +77,43 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         map_location: Callable | None = lambda storage, loc: storage,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
-        return super().load_checkpoint(path, map_location, weights_only=weights_only is not False)
+        try:
+            return super().load_checkpoint(path, map_location, weights_only=weights_only is not False)
+        except FileNotFoundError:
+            raise
+        except pickle.UnpicklingError as err:
+            from lightning_mim.methods._checkpoint import _unpickler_detail  # what torch refused, in one line
+
+            detail = _unpickler_detail(err)
+            if "GLOBAL" in detail:  # refused, not run
+                raise ValueError(
+                    f"checkpoint {path} holds pickled Python objects other than tensors and plain types "
+                    f"({detail}); it is loaded with weights_only=True, which never unpickles them since that "
+                    "could run code from the file"
+                ) from err
+            raise ValueError(
+                f"checkpoint {path} cannot be read (UnpicklingError: {detail}): the file is truncated or corrupt"
+            ) from err
+        except Exception as err:  # torch raises RuntimeError, EOFError... for a truncated or foreign file
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise ValueError(
+                f"checkpoint {path} cannot be read ({type(err).__name__}: {detail}): the file is truncated or "
+                "corrupt (a copy or a write that did not finish?), or not a checkpoint"
+            ) from err
+
+
+def _write_error(target: Path, written: int, err: BaseException) -> OSError:
+    """The error of a failed checkpoint write: the file, the cause, and that the previous one is kept."""
+    try:
+        free = shutil.disk_usage(target.parent).free
+    except OSError:
+        free = -1
+    full = getattr(err, "errno", None) == errno.ENOSPC or 0 <= free < 2**20  # under 1 MiB left
+    kept = f"; the previous {target.name} is unchanged" if target.exists() else ""
+    if full:
+        cause = f"the disk is full ({free / 2**20:.1f} MiB free in {target.parent} after {written / 2**20:.1f} MiB)"
+        return OSError(errno.ENOSPC, f"could not write checkpoint {target}: {cause}{kept}")
+    return OSError(getattr(err, "errno", None) or errno.EIO, f"could not write checkpoint {target}: {err}{kept}")
 
 
 def _fsync_folder(folder: Path) -> None:
