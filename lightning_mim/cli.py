@@ -29,6 +29,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
@@ -103,6 +104,28 @@ class _ConfigDecidesHyperparameters(Callback):
             )
 
 
+#: The commands besides LightningCLI's, listed by ``lightning-mim --help``.
+EPILOG = """other commands:
+  export CKPT OUTDIR [--which student|teacher]   write a checkpoint's encoder for timm
+  prepare-data SRC DST                           encode an image folder into litdata chunks (streaming)
+  recipes [show NAME]                            list the packaged recipes, or print one
+each has its own --help. Set LIGHTNING_MIM_DEBUG=1 for the traceback of an error."""
+
+
+class _StepProgressBar(RichProgressBar):
+    """Lightning's Rich progress bar, which labels a step-limited run (``max_epochs=-1``) "Epoch 0/-2":
+    here it reads "Epoch 0 (of a 1000-step run)" instead."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        trainer = self.trainer
+        if trainer.max_epochs is None or trainer.max_epochs < 0:
+            description = f"Epoch {current_epoch}" + (
+                f" (of a {trainer.max_steps}-step run)" if trainer.max_steps and trainer.max_steps > 0 else ""
+            )
+            return f"{description:{len(self.validation_description)}}"
+        return super()._get_train_description(current_epoch)
+
+
 def _plain(value: Any) -> Any:
     """Comparable form: tuples and lists alike."""
     if isinstance(value, (list, tuple)):
@@ -137,6 +160,7 @@ class LightningMIMCLI(LightningCLI):
         elif isinstance(args, list):
             args = resolve_config_args([str(a) for a in args])
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"epilog": EPILOG, "formatter_class": argparse.RawDescriptionHelpFormatter})
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
@@ -153,6 +177,12 @@ class LightningMIMCLI(LightningCLI):
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         callbacks = [*callbacks, _ConfigDecidesHyperparameters()]
+        has_bar = any(isinstance(c, ProgressBar) for c in [*callbacks, *(config.get("callbacks") or [])])
+        if not has_bar and config.get("enable_progress_bar") is not False:
+            from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+            if _RICH_AVAILABLE:  # Lightning's default bar then, with steps for step-limited runs
+                callbacks.append(_StepProgressBar())
         plugins = config.get("plugins")
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):

@@ -94,3 +94,31 @@ def test_a_wheel_runs_a_quickstart_from_an_empty_folder(tmp_path: Path) -> None:
     assert result.stderr.startswith("lightning-mim: config packaged recipe quickstart/conmim.yaml"), result.stderr[:500]
     assert "`Trainer.fit` stopped: `max_steps=2` reached" in result.stdout + result.stderr
     assert (work / "runs/quickstart/conmim/checkpoints/last.ckpt").is_file()
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "export CKPT OUTDIR", "prepare-data SRC DST", "recipes [show NAME]"):
+        assert command in out, command
+
+
+def test_a_step_limited_run_shows_its_steps_not_epoch_minus_two(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = LightningMIMCLI(args=["--config", "quickstart/conmim.yaml", "--trainer.logger", "false"], run=False)
+    bar = cli.trainer.progress_bar_callback
+    assert bar is not None
+    bar.setup(cli.trainer, cli.model, "fit")
+    description = bar._get_train_description(0)  # type: ignore[attr-defined]
+    assert "-2" not in description and "Epoch 0 (of a 1000-step run)" in description  # max_epochs -1, max_steps 1000
+    cli = LightningMIMCLI(
+        args=["--config", "quickstart/conmim.yaml", "--trainer.logger", "false", "--trainer.max_epochs", "3"],
+        run=False,
+    )
+    bar = cli.trainer.progress_bar_callback
+    bar.setup(cli.trainer, cli.model, "fit")
+    assert bar._get_train_description(1).strip() == "Epoch 1/2"  # epoch-limited runs keep Lightning's label
