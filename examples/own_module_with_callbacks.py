@@ -60,8 +60,8 @@ class FeaturePrediction(pl.LightningModule):
         self.log("val/loss", self.loss(batch))
 
     @torch.no_grad()
-    def embed(self, images: Tensor) -> Tensor:  # what OnlineKNN evaluates
-        return self.teacher.patch_tokens(self.teacher(normalize(images))).mean(dim=1)
+    def embed(self, images: Tensor) -> Tensor:  # what OnlineKNN evaluates: timm's pooling of the teacher
+        return self.teacher.pool(self.teacher(normalize(images)))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.student.parameters(), lr=self.lr, weight_decay=0.05)

@@ -112,10 +112,19 @@ def test_masking_must_match_the_grid() -> None:
 
 
 def test_embed_and_encoders() -> None:
-    module = tiny(eval_encoder="teacher")
+    module = tiny()
+    assert module.eval_encoder == "teacher" and module.default_export == "teacher"  # watched = exported
     features = module.embed(batch()["images"])
     assert features.shape == (8, 48)
     assert module.encoder("teacher") is module.teacher.encoder
+    student = tiny(eval_encoder="student")
+    assert student.default_export == "student"
+    # the monitored features are the student's own: perturb the teacher and nothing changes
+    with torch.no_grad():
+        before = student.embed(batch()["images"])
+        for p in student.teacher.parameters():
+            p.add_(1.0)
+        assert torch.equal(student.embed(batch()["images"]), before)
 
 
 def test_checkpoint_of_another_kind_is_refused() -> None:

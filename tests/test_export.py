@@ -14,6 +14,7 @@ import torch
 
 from lightning_mim import CIMModule, CMAEModule, ConMIMModule, MimCoModule, MoCoV3Module
 from lightning_mim.data import SampleDataModule
+from lightning_mim.data.views import normalize
 from lightning_mim.export import create_model, to_timm
 from lightning_mim.masking import BlockMasking
 from lightning_mim.nn import VQTokenizer
@@ -88,6 +89,16 @@ def test_checkpoint_export_loads_in_timm_with_the_same_features(method: str, tmp
         with torch.no_grad():
             timm_features = model.forward_features(images)
         assert torch.allclose(timm_features, encoder_features(module, which, images), atol=1e-5)
+    # What training monitors (kNN on `embed`) is what the default export gives in timm, pooling included.
+    default = to_timm(ckpt, tmp_path / "default")
+    assert json.loads((default / "config.json").read_text())["which"] == module.default_export
+    pixels = torch.randint(0, 256, (3, 3, size, size), dtype=torch.uint8)
+    module.eval()
+    with torch.no_grad():
+        timm_pooled = create_model(default).eval()(normalize(pixels, module.mean, module.std))
+        monitored = module.embed(pixels)
+    assert timm_pooled.shape == monitored.shape
+    assert torch.allclose(timm_pooled, monitored, atol=1e-5), (timm_pooled - monitored).abs().max()
 
 
 def test_export_from_a_module_and_create_model(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ import torch
 
 from lightning_mim import ConMIMModule, FineTuneModule, LinearProbeModule
 from lightning_mim.data import SampleDataModule, load_sample
+from lightning_mim.data.views import normalize
 from lightning_mim.export import to_timm
 from lightning_mim.methods.finetune import load_encoder
 from lightning_mim.optim import OptimConfig
@@ -43,6 +44,13 @@ def test_encoder_weights_arrive_intact_and_the_head_is_new(pretrained) -> None:
         assert len(shared) >= len(teacher) - 2  # all but the final norm, unused under mean pooling
         assert all(torch.equal(state[k], teacher[k]) for k in shared)
         assert model.num_classes == 10 and "fc_norm.weight" in state
+    # No pooling given: the export's own, the monitored features (final norm on every token, mean).
+    monitored = load_encoder(str(export), num_classes=0).eval()
+    assert "norm.weight" in monitored.state_dict() and "fc_norm.weight" not in monitored.state_dict()
+    module.eval()
+    pixels = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.allclose(monitored(normalize(pixels, module.mean, module.std)), module.embed(pixels), atol=1e-5)
     random = load_encoder(str(export), random_init=True, global_pool="avg", num_classes=10)
     assert not torch.equal(random.state_dict()["blocks.0.attn.qkv.weight"], teacher["blocks.0.attn.qkv.weight"])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 
 from lightning_mim.masking import RandomMasking
@@ -96,3 +97,27 @@ def test_wrong_mask_shape_and_non_vit() -> None:
         MaskedViT("resnet18")
     with pytest.raises(ValueError, match="unknown timm architecture"):
         MaskedViT("no_such_vit")
+
+
+@pytest.mark.parametrize("arch", ["vit_small_patch16_224", "beit_base_patch16_224"])
+def test_pool_is_the_mean_of_normed_patch_tokens_or_the_cls_token(arch: str) -> None:
+    images = torch.randn(2, 3, 32, 32)
+    model = MaskedViT(arch, **TINY_VIT).eval()
+    tokens = model(images)  # final-normed tokens, as pre-training uses them
+    assert torch.allclose(model.pool(tokens), tokens[:, 1:].mean(dim=1), atol=1e-6)
+    # timm rebuilt from the recorded arguments pools the same way (what an export reproduces)
+    rebuilt = timm.create_model(arch, **model.timm_kwargs).eval()
+    rebuilt.load_state_dict(model.vit.state_dict())
+    assert torch.allclose(rebuilt(images), model.pool(tokens), atol=1e-5)
+    cls = MaskedViT(arch, global_pool="token", **TINY_VIT).eval()
+    tokens = cls(images)
+    assert torch.equal(cls.pool(tokens), tokens[:, 0])
+
+
+def test_pooling_that_takes_the_norm_off_the_tokens_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"fc_norm=True moves timm's final norm"):
+        MaskedViT("vit_small_patch16_224", fc_norm=True, **TINY_VIT)
+    with pytest.raises(ValueError, match=r"use_fc_norm=True"):
+        MaskedViT("beit_base_patch16_224", use_fc_norm=True, **TINY_VIT)
+    with pytest.raises(ValueError, match=r"MaskedViT\(timm_kwargs\): global_pool='map'"):
+        MaskedViT("vit_small_patch16_224", global_pool="map", **TINY_VIT)

@@ -373,7 +373,7 @@ class CIMModule(pl.LightningModule):
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:
-        """Pooled enhancer features for uint8 images: (B, D)."""
+        """Pooled enhancer features for uint8 images, as its timm export computes them: (B, D)."""
         return self.enhancer.pooled(normalize(images, self.mean, self.std))
 
     # --------------------------------------------------------------------------- checkpoints

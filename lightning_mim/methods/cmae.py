@@ -369,9 +369,8 @@ class CMAEModule(pl.LightningModule):
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:
-        """Mean-pooled patch features of the online encoder for uint8 images: (B, D)."""
-        tokens = self.encoder(normalize(images, self.mean, self.std))  # (B, 1 + N, D)
-        return self.encoder.patch_tokens(tokens).mean(dim=1)
+        """Pooled features of the online encoder for uint8 images, as its timm export computes them: (B, D)."""
+        return self.encoder.pool(self.encoder(normalize(images, self.mean, self.std)))
 
     # --------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

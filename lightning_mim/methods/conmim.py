@@ -127,7 +127,9 @@ class ConMIMModule(pl.LightningModule):
             (checkpoints unchanged).
         grad_checkpointing: Recompute the trained encoder's blocks in the backward pass (activation
             checkpointing): much less activation memory for about a third more compute (ViT-L).
-        eval_encoder: Encoder whose features ``embed`` returns (kNN monitoring).
+        eval_encoder: The encoder that ``embed`` monitors (kNN) and that ``export`` writes by default,
+            so the figures watched in training are those of the exported encoder. Default: the EMA
+            teacher, which the official fine-tuning starts from.
         crop_scale: Area range of the shared random resized crop (official: (0.08, 1)).
         mean: Normalisation mean (of images in [0, 1]).
         std: Normalisation std.
@@ -148,7 +150,7 @@ class ConMIMModule(pl.LightningModule):
         optim: OptimConfig = CONMIM_OPTIM,
         compile: bool = False,
         grad_checkpointing: bool = False,
-        eval_encoder: Literal["student", "teacher"] = "student",
+        eval_encoder: Literal["student", "teacher"] = "teacher",
         crop_scale: tuple[float, float] = (0.08, 1.0),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
@@ -220,8 +222,10 @@ class ConMIMModule(pl.LightningModule):
         network = self.student if which == "student" else self.teacher
         return network.encoder
 
-    #: The official fine-tuning starts from the EMA teacher.
-    default_export = "teacher"
+    @property
+    def default_export(self) -> str:
+        """The encoder that ``export`` writes by default: the monitored one, ``eval_encoder``."""
+        return self.eval_encoder
 
     def export_encoders(self) -> dict[str, EncoderSpec]:
         """What :func:`lightning_mim.export.to_timm` can write: the student's and the teacher's timm backbone."""
@@ -266,10 +270,9 @@ class ConMIMModule(pl.LightningModule):
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:
-        """Mean-pooled patch features of ``eval_encoder`` for uint8 images: (B, D)."""
+        """Pooled features of ``eval_encoder`` for uint8 images, as its timm export computes them: (B, D)."""
         network = self.student if self.eval_encoder == "student" else self.teacher
-        tokens = network.features(normalize(images, self.mean, self.std))  # (B, 1 + N, D)
-        return network.encoder.patch_tokens(tokens).mean(dim=1)
+        return network.encoder.pool(network.features(normalize(images, self.mean, self.std)))
 
     # --------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

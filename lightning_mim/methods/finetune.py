@@ -64,6 +64,7 @@ _STEP_STREAM = 0x5354  # seeds the global generators at each training step ("ST"
 
 _ALLOWED_MISSING = ("head.", "fc.", "fc_norm.")  # new classifier and pooled-feature norm
 _ALLOWED_UNEXPECTED = ("norm.",)  # the per-token final norm, replaced by fc_norm under mean pooling
+_NORM_PLACEMENT = ("fc_norm", "use_fc_norm")  # timm arguments placing the final norm before/after pooling
 
 
 def _read_weights(weights: str, which: str | None) -> tuple[str, dict[str, Any], dict[str, Tensor]]:
@@ -99,7 +100,9 @@ def load_encoder(
         arch: timm name; read from the weights when None.
         model_kwargs: timm arguments; those of the weights are the base.
         which: Encoder of a checkpoint (``student`` / ``teacher``; None: the method's recommendation).
-        global_pool: timm pooling of ViT/BEiT models (``"avg"`` or ``"token"``); ignored for CNNs.
+        global_pool: timm pooling of ViT/BEiT models (``"avg"`` or ``"token"``), with timm's own
+            placement of the final norm for it (``"avg"``: a new ``fc_norm`` after the mean); None keeps
+            the pooling the weights were exported with. Ignored for CNNs.
         random_init: Build the architecture of ``weights`` but keep timm's random initialisation (the
             baseline of an evaluation protocol).
         **overrides: Further timm arguments (``num_classes``, ``drop_path_rate``, ``global_pool``).
@@ -115,6 +118,10 @@ def load_encoder(
     timm_family(arch, names)  # unknown names: an error that says so, before anything else
     if global_pool is not None and is_token_model(arch):
         overrides["global_pool"] = global_pool
+        # The pre-training export keeps the final norm on every token (fc_norm=False); a pooling
+        # chosen here gets timm's own norm placement for it (mean pooling: a new fc_norm after the
+        # mean, as the official fine-tuning code of BEiT, MAE and ConMIM has it).
+        saved_args = {k: v for k, v in saved_args.items() if k not in _NORM_PLACEMENT}
     kwargs = {**saved_args, **(model_kwargs or {}), **overrides}
     model = create_timm_model(arch, names, **kwargs)
     if state is not None and not random_init:

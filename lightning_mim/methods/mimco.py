@@ -388,9 +388,8 @@ class MimCoModule(pl.LightningModule):
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:
-        """Mean-pooled patch features of the student for uint8 images: (B, D)."""
-        tokens = self.student(normalize(images, self.mean, self.std))
-        return self.student.patch_tokens(tokens).mean(dim=1)
+        """Pooled features of the student for uint8 images, as its timm export computes them: (B, D)."""
+        return self.student.pool(self.student(normalize(images, self.mean, self.std)))
 
     # --------------------------------------------------------------------------- checkpoints
     default_export = "student"

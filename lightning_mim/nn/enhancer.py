@@ -10,7 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from lightning_mim.losses import unpatchify
-from lightning_mim.nn.timm_models import TimmArgs, create_timm_model, timm_family
+from lightning_mim.nn.timm_models import TimmArgs, create_timm_model, mean_pooling_kwargs, timm_family
 
 __all__ = ["Enhancer", "Objective", "timm_family"]
 
@@ -33,7 +33,8 @@ class Enhancer(nn.Module):
         objective: ``"respix"`` or ``"revdet"``.
         image_size: Input side. ViTs take it as timm's ``img_size``; ResNets need a multiple of 32.
         names: The caller's names of ``arch`` and ``timm_kwargs``, for error messages.
-        **timm_kwargs: Passed to ``timm.create_model`` (``num_classes`` is 0, pooling off for ResNets).
+        **timm_kwargs: Passed to ``timm.create_model`` (``num_classes`` is 0; ``global_pool`` decides
+            :meth:`pooled`, default ``"avg"``; a ViT/BEiT keeps its final norm on every token).
 
     Raises:
         ValueError: Unknown architecture, arguments timm rejects, an image size that is not a multiple
@@ -68,8 +69,11 @@ class Enhancer(nn.Module):
                     f"{names.owner}(image_size={image_size}) disagrees with {names.kwargs} img_size={img_size}: "
                     "give one of them"
                 )
+        # pooled() is timm's own pooling: the mean of the final-normed patch tokens (ViT, BEiT) or of
+        # the C5 map (ResNet), so an exported enhancer pools the same way in timm.
+        timm_kwargs = mean_pooling_kwargs(family, timm_kwargs, names) if self.is_vit else timm_kwargs
         if not self.is_vit:
-            timm_kwargs.setdefault("global_pool", "")
+            timm_kwargs.setdefault("global_pool", "avg")
         # typed Any: timm's submodules (patch_embed, num_features, ...) are reached by attribute
         self.backbone: Any = create_timm_model(arch, names, **timm_kwargs)
         self.timm_kwargs: dict[str, Any] = dict(timm_kwargs)  # what rebuilds self.backbone (for export)
@@ -109,9 +113,8 @@ class Enhancer(nn.Module):
         return x[:, self.backbone.num_prefix_tokens :] if self.is_vit else x
 
     def pooled(self, images: Tensor) -> Tensor:
-        """Global features (B, D): mean of the patch tokens or of the C5 map."""
-        x = self.features(images)
-        return x.mean(dim=1) if self.is_vit else x.mean(dim=(2, 3))
+        """Global features (B, D) by timm's pooling (default: mean of the patch tokens or of the C5 map)."""
+        return self.backbone.forward_head(self.backbone.forward_features(images), pre_logits=True)
 
     def forward(self, images: Tensor) -> Tensor:
         """RevDet: replaced-token logits (B, N). ResPix: predicted image (B, 3, H, W)."""

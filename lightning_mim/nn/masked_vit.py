@@ -10,7 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_mim.nn.timm_models import TimmArgs, create_timm_model, timm_family
+from lightning_mim.nn.timm_models import TimmArgs, create_timm_model, mean_pooling_kwargs, timm_family
 
 __all__ = ["MaskedViT", "visible_indices"]
 
@@ -58,7 +58,11 @@ class MaskedViT(nn.Module):
         names: The caller's names of ``arch`` and ``timm_kwargs``, for error messages (a method
             module passes e.g. ``TimmArgs("ConMIMModule", "backbone", "backbone_kwargs")``).
         **timm_kwargs: Passed to ``timm.create_model`` (they override the architecture's defaults;
-            ``num_classes`` defaults to 0 and ``global_pool`` to ``"token"``).
+            ``num_classes`` defaults to 0). ``global_pool`` decides :meth:`pool`: ``"avg"`` (default,
+            the mean of the patch tokens) or ``"token"`` (the CLS token); timm's final norm always
+            stays on every token (``fc_norm`` / ``use_fc_norm`` is set to False, see
+            :func:`~lightning_mim.nn.timm_models.mean_pooling_kwargs`), so a timm model built from
+            ``timm_kwargs`` pools exactly as :meth:`pool` does.
 
     Raises:
         ValueError: Unknown architecture, arguments timm rejects, or an image size that is not a
@@ -83,9 +87,9 @@ class MaskedViT(nn.Module):
         if family not in _SUPPORTED_FAMILIES:
             raise TypeError(f"{names.owner}({names.arch}={arch!r}): a {family} model; it needs a timm ViT or BEiT")
         timm_kwargs.setdefault("num_classes", 0)
-        # "token" pooling keeps timm's final norm on every token (with "avg" it moves to fc_norm,
-        # after pooling), as the pre-training code of BEiT, MAE and ConMIM has it.
-        timm_kwargs.setdefault("global_pool", "token")
+        # timm's final norm stays on every token, as the pre-training code of BEiT, MAE and ConMIM
+        # has it; pooled features (self.pool) are the mean of the normed patch tokens by default.
+        timm_kwargs = mean_pooling_kwargs(family, timm_kwargs, names)
         # typed Any: timm's submodules (blocks, norms, tokens) are reached by attribute below
         self.vit: Any = create_timm_model(arch, names, pretrained=pretrained, **timm_kwargs)
         self.timm_kwargs: dict[str, Any] = dict(timm_kwargs)  # what rebuilds self.vit (for export)
@@ -171,6 +175,14 @@ class MaskedViT(nn.Module):
         keep = visible_indices(mask, num_visible)  # (B, N_visible)
         visible = torch.gather(patches, 1, keep.unsqueeze(-1).expand(batch, keep.shape[1], dim))
         return torch.cat((prefix, visible), dim=1)
+
+    def pool(self, tokens: Tensor) -> Tensor:
+        """Pooled features of an encoder output, as timm's model computes them: (B, P + N, D) -> (B, D).
+
+        The mean of the patch tokens (``global_pool="avg"``) or the CLS token (``"token"``); the same
+        numbers as ``timm.create_model(arch, num_classes=0, **timm_kwargs)(images)`` on unmasked images.
+        """
+        return self.vit.forward_head(tokens, pre_logits=True)
 
     def patch_tokens(self, tokens: Tensor) -> Tensor:
         """Drops the prefix tokens of an encoder output: (B, P + N, D) -> (B, N, D)."""

@@ -16,7 +16,7 @@ from typing import Any
 import timm
 from torch import nn
 
-__all__ = ["TimmArgs", "check_patch_grid", "create_timm_model", "timm_family"]
+__all__ = ["TimmArgs", "check_patch_grid", "create_timm_model", "mean_pooling_kwargs", "timm_family"]
 
 
 @dataclass(frozen=True)
@@ -102,3 +102,46 @@ def create_timm_model(arch: str, names: TimmArgs | None = None, **kwargs: Any) -
         ) from err
     check_patch_grid(model, names)
     return model
+
+
+#: The timm argument that moves a family's final norm after pooling (``True``) or keeps it per token.
+_FC_NORM_FLAG = {"timm.models.vision_transformer": "fc_norm", "timm.models.beit": "use_fc_norm"}
+_POOLINGS = ("avg", "token")
+
+
+def mean_pooling_kwargs(family: str, kwargs: dict[str, Any], names: TimmArgs | None = None) -> dict[str, Any]:
+    """``kwargs`` for a timm ViT/BEiT whose final norm stays on every token, pooled by mean by default.
+
+    Under these arguments timm's own pooled features (``model(x)`` with ``num_classes=0``, or
+    ``forward_head(tokens, pre_logits=True)``) are the mean of the final-normed patch tokens
+    (``global_pool="avg"``) or the final-normed CLS token (``global_pool="token"``), while
+    ``forward_features`` gives the final-normed tokens that pre-training losses use. timm's default
+    for mean pooling moves the final norm after the pooling instead (``fc_norm`` / ``use_fc_norm``),
+    which takes it off the tokens; so that flag is set to ``False``, and written with the other
+    arguments into exports, where ``timm.create_model`` rebuilds the same pooling.
+
+    Args:
+        family: :func:`timm_family` of the architecture (ViT or BEiT; others are returned unchanged).
+        kwargs: The caller's timm arguments (not modified).
+        names: The caller's argument names, for error messages.
+
+    Raises:
+        ValueError: ``global_pool`` other than ``"avg"`` or ``"token"``, or the flag set to ``True``.
+    """
+    flag = _FC_NORM_FLAG.get(family)
+    if flag is None:
+        return dict(kwargs)
+    names = names or TimmArgs()
+    out = {"global_pool": "avg", **kwargs}
+    if out["global_pool"] not in _POOLINGS:
+        raise ValueError(
+            f"{names.owner}({names.kwargs}): global_pool={out['global_pool']!r}; a pre-trained encoder pools its "
+            f"features by 'avg' (mean of the patch tokens) or 'token' (the CLS token)"
+        )
+    if out.get(flag):
+        raise ValueError(
+            f"{names.owner}({names.kwargs}): {flag}=True moves timm's final norm from the tokens to after "
+            "the pooling; pre-training needs it on every token (leave it unset)"
+        )
+    out[flag] = False
+    return out
