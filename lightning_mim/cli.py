@@ -38,7 +38,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 import lightning_mim.callbacks
 import lightning_mim.data
 import lightning_mim.methods  # noqa: F401 - registers the method modules
-from lightning_mim.checkpoint_io import AtomicCheckpointIO
+from lightning_mim.checkpoint.io import AtomicCheckpointIO
 
 __all__ = ["LightningMIMCLI", "main"]
 
@@ -145,7 +145,7 @@ class LightningMIMCLI(LightningCLI):
     Model and data are chosen in the config by ``class_path`` (subclass mode); methods configure
     their own optimiser and schedule, so the CLI's ``--optimizer`` / ``--lr_scheduler`` are off.
     The resolved config is saved next to the logs of every run. Checkpoints are written atomically
-    and loaded with ``weights_only=True`` (:class:`~lightning_mim.checkpoint_io.AtomicCheckpointIO`)
+    and loaded with ``weights_only=True`` (:class:`~lightning_mim.checkpoint.io.AtomicCheckpointIO`)
     unless ``--trainer.plugins`` names another CheckpointIO.
 
     Example::

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_mim import checkpoint_io
-from lightning_mim.checkpoint_io import AtomicCheckpointIO
+from lightning_mim.checkpoint import io as checkpoint_io
+from lightning_mim.checkpoint.io import AtomicCheckpointIO
 from lightning_mim.cli import DEBUG_ENV, main
 
 ROOT = Path(__file__).resolve().parents[1]

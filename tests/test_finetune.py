@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from lightning_mim import ConMIMModule, FineTuneModule, LinearProbeModule
+from lightning_mim.checkpoint.weights import load_encoder
 from lightning_mim.data import SampleDataModule, load_sample
 from lightning_mim.data.views import normalize
 from lightning_mim.export import to_timm
-from lightning_mim.methods.finetune import load_encoder
 from lightning_mim.optim import OptimConfig
 
 from .helpers import TINY_BEIT, cpu_trainer, losses_on_fixed_batch

@@ -13,7 +13,7 @@ from torch import nn
 
 import lightning_mim.methods.cmae as cmae_module
 from lightning_mim.callbacks import NonFiniteGuard, NonFiniteLossError
-from lightning_mim.checkpoint_io import AtomicCheckpointIO
+from lightning_mim.checkpoint.io import AtomicCheckpointIO
 from lightning_mim.data import SampleDataModule
 from tests.helpers import cpu_trainer, tiny_method
 

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_mim.callbacks import Preemption
-from lightning_mim.checkpoint_io import AtomicCheckpointIO
+from lightning_mim.checkpoint.io import AtomicCheckpointIO
 from lightning_mim.data import SampleDataModule
 from tests.helpers import cpu_trainer, tiny_method
 

@@ -26,11 +26,12 @@ from lightning_mim import (
     MoCoV3Module,
     VQTokenizerModule,
 )
+from lightning_mim.checkpoint.files import load_checkpoint
+from lightning_mim.checkpoint.meta import read_meta
+from lightning_mim.checkpoint.weights import load_encoder
 from lightning_mim.data import SampleDataModule, TwoCropViews
 from lightning_mim.export import to_timm
 from lightning_mim.masking import GridMasking, MaskGenerator, RandomMasking
-from lightning_mim.methods._checkpoint import load_checkpoint, read_meta
-from lightning_mim.methods.finetune import load_encoder
 from lightning_mim.nn import VQTokenizer
 
 from .helpers import TINY_BEIT, cpu_trainer
@@ -613,7 +614,7 @@ def test_loading_stays_restricted_when_torch_is_told_to_unpickle(
 ) -> None:
     """TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 makes every torch.load that does not pass weights_only unpickle
     (Lightning's default resume included); lightning-mim's loaders and its CheckpointIO pass it explicitly."""
-    from lightning_mim.checkpoint_io import AtomicCheckpointIO
+    from lightning_mim.checkpoint.io import AtomicCheckpointIO
 
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     evil, weights, marker = malicious_files(tmp_path)

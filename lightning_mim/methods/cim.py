@@ -32,11 +32,10 @@ from torch import Tensor, nn
 
 from lightning_mim._rng import CountedStream, make_generator
 from lightning_mim.callbacks.diagnostics import heatmap, mask_overlay, to_unit_range, unnormalize
+from lightning_mim.checkpoint.meta import EncoderSpec, read_meta, write_meta
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView, MAEViews, normalize
-from lightning_mim.export import EncoderSpec
 from lightning_mim.losses import window_normalize
 from lightning_mim.masking import BlockMasking, MaskGenerator
-from lightning_mim.methods._checkpoint import read_meta, write_meta
 from lightning_mim.methods._validation import check_mask_count, check_normalization
 from lightning_mim.methods.tokenizer import load_vq_tokenizer
 from lightning_mim.nn import MaskedViT

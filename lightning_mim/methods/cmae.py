@@ -33,11 +33,10 @@ from torch import Tensor, nn
 from lightning_mim._rng import CountedStream, make_generator
 from lightning_mim.callbacks.diagnostics import mask_overlay, unnormalize
 from lightning_mim.callbacks.ema import EMATeacher
+from lightning_mim.checkpoint.meta import EncoderSpec, read_meta, write_meta
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, CMAEViews, EvalView, MAEViews, normalize
-from lightning_mim.export import EncoderSpec
 from lightning_mim.losses import info_nce, masked_patch_mse, patchify, unpatchify
 from lightning_mim.masking import GridMasking, MaskGenerator
-from lightning_mim.methods._checkpoint import read_meta, write_meta
 from lightning_mim.methods._validation import (
     check_contrastive_batch,
     check_mask_count,

@@ -32,11 +32,10 @@ from torch import Tensor, nn
 from lightning_mim._rng import CountedStream, make_generator
 from lightning_mim.callbacks.diagnostics import similarity_panels
 from lightning_mim.callbacks.ema import EMATeacher
+from lightning_mim.checkpoint.meta import EncoderSpec, read_meta, write_meta
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, ConMIMViews, EvalView, normalize
-from lightning_mim.export import EncoderSpec
 from lightning_mim.losses import patch_contrastive_loss
 from lightning_mim.masking import BlockMasking, MaskGenerator
-from lightning_mim.methods._checkpoint import read_meta, write_meta
 from lightning_mim.methods._validation import (
     check_crop_scale,
     check_mask_count,

@@ -29,11 +29,11 @@ from torch import Tensor, nn
 
 from lightning_mim._rng import CountedStream, make_generator
 from lightning_mim.callbacks.diagnostics import similarity_panels
+from lightning_mim.checkpoint.files import load_checkpoint, torch_load_weights
+from lightning_mim.checkpoint.meta import EncoderSpec, read_meta, write_meta
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView, MAEViews, normalize
-from lightning_mim.export import EncoderSpec
 from lightning_mim.losses import info_nce, patch_contrastive_loss
 from lightning_mim.masking import MaskGenerator, RandomMasking
-from lightning_mim.methods._checkpoint import load_checkpoint, read_meta, torch_load_weights, write_meta
 from lightning_mim.methods._validation import (
     check_contrastive_batch,
     check_mask_count,

@@ -31,10 +31,9 @@ from torch import Tensor, nn
 
 from lightning_mim._rng import CountedStream
 from lightning_mim.callbacks.ema import EMATeacher
+from lightning_mim.checkpoint.meta import EncoderSpec, read_meta, write_meta
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView, TwoCropViews, normalize
-from lightning_mim.export import EncoderSpec
 from lightning_mim.losses import info_nce
-from lightning_mim.methods._checkpoint import read_meta, write_meta
 from lightning_mim.methods._validation import (
     check_contrastive_batch,
     check_momenta,
@@ -45,7 +44,7 @@ from lightning_mim.nn import BNProjector, freeze_sincos_pos_embed
 from lightning_mim.nn.compile import compile_in_place
 from lightning_mim.nn.heads import sync_batchnorm_on_gpus
 from lightning_mim.nn.init import init_mocov3_vit_
-from lightning_mim.nn.timm_models import TimmArgs, create_timm_model, timm_family
+from lightning_mim.nn.timm_models import TOKEN_MODEL_FAMILIES, TimmArgs, create_timm_model, timm_family
 from lightning_mim.optim import DECAY_ALL, OptimConfig, configure_adamw, optim_config, resumable_optim
 
 __all__ = ["MOCOV3_OPTIM", "MOCOV3_VIT_HEADS", "MoCoV3Module"]
@@ -151,7 +150,7 @@ class MoCoV3Module(pl.LightningModule):
         check_normalization(owner, mean, std)
         names = TimmArgs(owner, "backbone", "backbone_kwargs")
         family = timm_family(backbone, names)
-        if family not in ("timm.models.vision_transformer", "timm.models.beit"):
+        if family not in TOKEN_MODEL_FAMILIES:
             raise TypeError(f"{owner}(backbone={backbone!r}): a {family} model; MoCo v3 here trains a timm ViT or BEiT")
         kwargs = mocov3_backbone_kwargs(backbone, backbone_kwargs)
         encoder: Any = create_timm_model(backbone, names, **kwargs)
@@ -304,7 +303,7 @@ def check_encoder_args(checkpoint: dict[str, Any], spec: tuple[str, dict[str, An
     The recorded ``timm.create_model`` arguments (when the checkpoint has them) must equal the
     module's, and the head count as written (:func:`written_heads`) the module's.
     """
-    from lightning_mim.export import model_args
+    from lightning_mim.checkpoint.meta import model_args
 
     arch, kwargs = spec
     built = model_args(kwargs)

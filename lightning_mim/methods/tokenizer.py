@@ -28,8 +28,9 @@ from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor
 
 from lightning_mim._rng import CountedStream
+from lightning_mim.checkpoint.files import load_checkpoint
+from lightning_mim.checkpoint.meta import read_meta, write_meta
 from lightning_mim.data.views import EvalView, MAEViews
-from lightning_mim.methods._checkpoint import load_checkpoint, read_meta, write_meta
 from lightning_mim.methods._validation import check_crop_scale, check_non_negative, check_positive
 from lightning_mim.nn.tokenizer import VQTokenizer
 from lightning_mim.optim import OptimConfig, configure_adamw

@@ -10,7 +10,13 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from lightning_mim.losses import unpatchify
-from lightning_mim.nn.timm_models import TimmArgs, create_timm_model, mean_pooling_kwargs, timm_family
+from lightning_mim.nn.timm_models import (
+    TOKEN_MODEL_FAMILIES,
+    TimmArgs,
+    create_timm_model,
+    mean_pooling_kwargs,
+    timm_family,
+)
 
 __all__ = ["Enhancer", "Objective", "timm_family"]
 
@@ -56,7 +62,7 @@ class Enhancer(nn.Module):
             raise ValueError(f"objective must be 'respix' or 'revdet', got {objective!r}")
         names = names or TimmArgs("Enhancer", "arch", "timm_kwargs")
         family = timm_family(arch, names)
-        self.is_vit = family in ("timm.models.vision_transformer", "timm.models.beit")
+        self.is_vit = family in TOKEN_MODEL_FAMILIES
         if not self.is_vit and family != "timm.models.resnet":
             raise TypeError(
                 f"{names.owner}({names.arch}={arch!r}): a {family} model; the CIM enhancer is a ViT, BEiT or ResNet"

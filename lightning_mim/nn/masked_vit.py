@@ -10,7 +10,13 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_mim.nn.timm_models import TimmArgs, create_timm_model, mean_pooling_kwargs, timm_family
+from lightning_mim.nn.timm_models import (
+    TOKEN_MODEL_FAMILIES,
+    TimmArgs,
+    create_timm_model,
+    mean_pooling_kwargs,
+    timm_family,
+)
 
 __all__ = ["MaskedViT", "visible_indices"]
 
@@ -27,9 +33,6 @@ def visible_indices(mask: Tensor, num_visible: int | None = None) -> Tensor:
         num_visible = int((~mask[0]).sum())
     # A stable sort puts the visible patches (False) first, in grid order.
     return torch.argsort(mask.to(torch.int8), dim=1, stable=True)[:, :num_visible]
-
-
-_SUPPORTED_FAMILIES = ("timm.models.vision_transformer", "timm.models.beit")
 
 
 def _has_relative_position_bias(beit: Any) -> bool:
@@ -84,7 +87,7 @@ class MaskedViT(nn.Module):
             raise ValueError(f"mode must be 'mask_token' or 'visible', got {mode!r}")
         names = names or TimmArgs("MaskedViT", "arch", "timm_kwargs")
         family = timm_family(arch, names)
-        if family not in _SUPPORTED_FAMILIES:
+        if family not in TOKEN_MODEL_FAMILIES:
             raise TypeError(f"{names.owner}({names.arch}={arch!r}): a {family} model; it needs a timm ViT or BEiT")
         timm_kwargs.setdefault("num_classes", 0)
         # timm's final norm stays on every token, as the pre-training code of BEiT, MAE and ConMIM

@@ -16,7 +16,15 @@ from typing import Any
 import timm
 from torch import nn
 
-__all__ = ["TimmArgs", "check_patch_grid", "create_timm_model", "mean_pooling_kwargs", "timm_family"]
+__all__ = [
+    "TOKEN_MODEL_FAMILIES",
+    "TimmArgs",
+    "check_patch_grid",
+    "create_timm_model",
+    "is_token_model",
+    "mean_pooling_kwargs",
+    "timm_family",
+]
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,19 @@ def timm_family(arch: str, names: TimmArgs | None = None) -> str:
             f"{names.owner}({names.arch}={arch!r}): unknown timm architecture; see timm.list_models({_pattern(name)!r})"
         )
     return str(timm.models.model_entrypoint(name).__module__)
+
+
+#: The timm modules of token models (ViT, BEiT): patch tokens out, ``forward_head`` pools them.
+TOKEN_MODEL_FAMILIES = ("timm.models.vision_transformer", "timm.models.beit")
+
+
+def is_token_model(arch: str, names: TimmArgs | None = None) -> bool:
+    """Whether ``arch`` is a timm ViT/BEiT (token outputs) rather than a CNN.
+
+    Raises:
+        ValueError: timm has no such architecture (see :func:`timm_family`).
+    """
+    return timm_family(arch, names) in TOKEN_MODEL_FAMILIES
 
 
 def check_patch_grid(model: nn.Module, names: TimmArgs | None = None) -> None:

@@ -17,6 +17,8 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins import TorchCheckpointIO
 from typing_extensions import override
 
+from lightning_mim.checkpoint.files import unpickler_detail
+
 __all__ = ["AtomicCheckpointIO"]
 
 
@@ -82,9 +84,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except FileNotFoundError:
             raise
         except pickle.UnpicklingError as err:
-            from lightning_mim.methods._checkpoint import _unpickler_detail  # what torch refused, in one line
-
-            detail = _unpickler_detail(err)
+            detail = unpickler_detail(err)  # what torch refused, in one line
             if "GLOBAL" in detail:  # refused, not run
                 raise ValueError(
                     f"checkpoint {path} holds pickled Python objects other than tensors and plain types "

@@ -1,4 +1,4 @@
-"""The lightning-mim entry of method checkpoints: which method wrote it, and its random-stream state."""
+"""Reading checkpoint files safely: ``torch.load(weights_only=True)`` with errors that name the file and the cause."""
 
 from __future__ import annotations
 
@@ -9,73 +9,10 @@ from typing import Any
 
 import torch
 
-_KEY = "lightning_mim"
-_NAMES = {
-    "conmim": "ConMIM",
-    "cmae": "CMAE",
-    "mae": "MAE",
-    "mocov3": "MoCo v3",
-    "mimco": "MimCo",
-    "vq_tokenizer": "VQ tokenizer",
-    "cim": "CIM",
-}
+__all__ = ["load_checkpoint", "torch_load_weights", "unpickler_detail"]
 
 
-def write_meta(checkpoint: dict[str, Any], method: str, module: Any = None, **state: Any) -> None:
-    """Records ``method`` (and any plain-typed ``state``) in a checkpoint being saved.
-
-    With ``module`` (a method module with ``export_encoders()``), also records which timm encoders
-    the checkpoint holds, so that :func:`lightning_mim.export.to_timm` needs nothing else.
-    """
-    from lightning_mim import __version__
-
-    checkpoint[_KEY] = {"method": method, "version": __version__, **state}
-    if module is not None:
-        from lightning_mim.export import encoder_meta
-
-        checkpoint[_KEY].update(encoder_meta(module))
-
-
-class _Meta(dict[str, Any]):
-    """A checkpoint's lightning-mim entry: reading an entry it lacks (an older format) is a clear error."""
-
-    def __init__(self, entry: dict[str, Any], name: str) -> None:
-        super().__init__(entry)
-        self.name = name
-
-    def __missing__(self, key: str) -> Any:
-        raise ValueError(
-            f"this {self.name} checkpoint has no {key!r} entry: it was written by an older lightning-mim. Its "
-            "weights still load (module.load_state_dict(torch.load(path, weights_only=True)['state_dict'])), "
-            "but training cannot resume from it"
-        )
-
-
-def read_meta(checkpoint: dict[str, Any], method: str) -> dict[str, Any]:
-    """The lightning-mim entry of a checkpoint being loaded.
-
-    Raises:
-        ValueError: Another method wrote the checkpoint, or it has no lightning-mim entry (another
-            program, or an older format); the message names the method wanted and the one found.
-            Reading an entry that the returned dict lacks (an older format) raises one too.
-    """
-    name = _NAMES.get(method, method)
-    meta = checkpoint.get(_KEY)
-    if not isinstance(meta, dict):
-        raise ValueError(
-            f"not a {name} checkpoint (found: no lightning-mim metadata): it was not saved by a lightning-mim "
-            f"{name} module (another program, or a lightning-mim older than checkpoint metadata)"
-        )
-    found = meta.get("method")
-    if found != method:
-        raise ValueError(
-            f"not a {name} checkpoint (found: {found}): it was saved by the {_NAMES.get(str(found), found)} module; "
-            f"a {name} module cannot load or resume from it"
-        )
-    return _Meta(meta, name)
-
-
-def _unpickler_detail(err: pickle.UnpicklingError) -> str:
+def unpickler_detail(err: pickle.UnpicklingError) -> str:
     """What torch's weights-only unpickler refused: "Unsupported global: GLOBAL os.system ..." (a pickled
     object) or "Unsupported operand 103" (a corrupt stream)."""
     if err.__context__ is not None:
@@ -98,7 +35,7 @@ def torch_load_weights(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        detail = _unpickler_detail(err)
+        detail = unpickler_detail(err)
         if "weights only load failed" not in str(err).lower() or "GLOBAL" not in detail:
             raise ValueError(
                 f"{path} is not a readable checkpoint (UnpicklingError: {detail}); is it a file written by "
