@@ -69,13 +69,13 @@ def floor_step(
     x2 = normalize(batch.get("teacher_images", batch.get("target_images", batch["images"])), mean, std)
     generator = torch.Generator(device=x.device).manual_seed(0)
     if method == "conmim":
-        return lambda: module._loss(x, x2, mask)  # type: ignore[operator]
+        return lambda: module.compute_losses(x, x2, mask).total  # type: ignore[operator]
     if method in ("cmae", "mae"):
         target = x2 if method == "cmae" else None
-        return lambda: module._losses(x, target, mask)[0]  # type: ignore[operator]
+        return lambda: module.compute_losses(x, target, mask).total  # type: ignore[operator]
     if method == "mimco":
-        return lambda: module._losses(x, mask)[0]  # type: ignore[operator]
-    return lambda: module.losses(batch["images"], mask, generator)["loss"]  # type: ignore[operator]
+        return lambda: module.compute_losses(x, mask).total  # type: ignore[operator]
+    return lambda: module.compute_losses(batch["images"], mask, generator).total  # type: ignore[operator]
 
 
 class _Repeat(Dataset):

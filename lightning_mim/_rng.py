@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import random
 from typing import Any
 
@@ -10,6 +11,29 @@ import torch
 
 _MOD = 2**63 - 1
 _GLOBAL_STREAM = 0x474C  # offset of the stream that seeds torch's global generators ("GL")
+
+
+class Stream(enum.IntEnum):
+    """The id of every random stream lightning-mim draws from: one registry, so no two collide.
+
+    A run's draws are functions of (run seed, stream id, rank, draw number), so changing an id
+    changes what every run with that seed draws (and resumed runs would no longer match): ids are
+    fixed once given. A :class:`CountedStream` also seeds the global generators from
+    ``id + 0x474C``; the ids stay clear of those values too (tested).
+    """
+
+    CONMIM_MASKS = 1  #: ConMIM training masks (validation: fixed per batch index, same id)
+    CMAE_MASKS = 2  #: CMAE / MAE masks
+    MIMCO_MASKS = 3  #: MimCo masks
+    CIM_MASKS = 4  #: CIM masks over the token grid
+    CIM_SAMPLES = 5  #: CIM generator sampling
+    DIAGNOSTICS = 9  #: VisualDiagnostics' masks and samples (training streams never advance)
+    MASKING_CALLBACK = 11  #: MaskingCallback, training batches
+    MASKING_CALLBACK_VALIDATION = 12  #: MaskingCallback, validation batches (fixed per batch index)
+    KNN_BANK = 23  #: OnlineKNN's subset of the bank images
+    KNN_QUERIES = 24  #: OnlineKNN's subset of the query images
+    STEPS = 0x5354  #: "ST": the global generators at each training step (MoCo v3, tokenizer, evaluation)
+    VIEWS = 0x5649  #: "VI": per-image view augmentations in the data loaders
 
 
 _MASK64 = 2**64 - 1

@@ -35,10 +35,27 @@ from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-import lightning_mim.callbacks
-import lightning_mim.data
-import lightning_mim.methods  # noqa: F401 - registers the method modules
+import lightning_mim.data  # noqa: F401 - its data modules, for short names
+from lightning_mim.callbacks import (  # noqa: F401 - imported so that short names (OnlineKNN) resolve
+    EMATeacher,
+    MaskingCallback,
+    MFUMonitor,
+    NonFiniteGuard,
+    OnlineKNN,
+    Preemption,
+    VisualDiagnostics,
+)
 from lightning_mim.checkpoint.io import AtomicCheckpointIO
+from lightning_mim.methods import (  # noqa: F401 - imported so that short names (ConMIMModule) resolve
+    CIMModule,
+    CMAEModule,
+    ConMIMModule,
+    FineTuneModule,
+    LinearProbeModule,
+    MimCoModule,
+    MoCoV3Module,
+    VQTokenizerModule,
+)
 
 __all__ = ["LightningMIMCLI", "main"]
 

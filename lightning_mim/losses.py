@@ -13,7 +13,7 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["info_nce", "masked_patch_mse", "patch_contrastive_loss", "patchify", "unpatchify", "window_normalize"]
+__all__ = ["info_nce", "masked_patch_mse", "patch_contrastive_loss", "window_normalize"]
 
 
 def patch_contrastive_loss(student: Tensor, teacher: Tensor, mask: Tensor, temperature: float = 0.1) -> Tensor:
@@ -95,29 +95,6 @@ def info_nce(query: Tensor, key: Tensor, temperature: float, gather: bool = True
         labels = torch.arange(q.shape[0], device=q.device) + offset
         logits = q @ k.T / temperature  # (B, world * B)
         return F.cross_entropy(logits, labels)
-
-
-def patchify(images: Tensor, patch_size: int) -> Tensor:
-    """(B, C, H, W) -> (B, N, P*P*C) patches in row-major grid order, pixels ordered (p, q, c) as in MAE."""
-    batch, channels, height, width = images.shape
-    if height % patch_size or width % patch_size:
-        raise ValueError(f"image size {height}x{width} is not divisible by the patch size {patch_size}")
-    h, w = height // patch_size, width // patch_size
-    x = images.reshape(batch, channels, h, patch_size, w, patch_size)
-    return torch.einsum("nchpwq->nhwpqc", x).reshape(batch, h * w, patch_size * patch_size * channels)
-
-
-def unpatchify(patches: Tensor, patch_size: int, grid: tuple[int, int]) -> Tensor:
-    """Inverse of :func:`patchify`: (B, h*w, P*P*C) -> (B, C, h*P, w*P) for a ``grid`` of (h, w)."""
-    batch, num, dim = patches.shape
-    h, w = grid
-    channels = dim // (patch_size * patch_size)
-    if num != h * w or channels * patch_size * patch_size != dim:
-        raise ValueError(
-            f"patches of shape {tuple(patches.shape)} do not fit a {h}x{w} grid of {patch_size}-px patches"
-        )
-    x = patches.reshape(batch, h, w, patch_size, patch_size, channels)
-    return torch.einsum("nhwpqc->nchpwq", x).reshape(batch, channels, h * patch_size, w * patch_size)
 
 
 def masked_patch_mse(pred: Tensor, target: Tensor, mask: Tensor, norm_pix: bool = True, eps: float = 1e-6) -> Tensor:

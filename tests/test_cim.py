@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from lightning_mim import CIMModule
 from lightning_mim.data import SampleDataModule
-from lightning_mim.losses import patchify, unpatchify, window_normalize
+from lightning_mim.losses import window_normalize
 from lightning_mim.masking import BlockMasking
 from lightning_mim.methods.cim import sample_tokens
 from lightning_mim.nn import VQTokenizer
@@ -84,11 +84,6 @@ def test_window_normalize_is_affine_invariant_and_flat_images_give_zero() -> Non
         window_normalize(x, window=1)
 
 
-def test_unpatchify_inverts_patchify() -> None:
-    x = torch.randn(2, 3, 16, 24)
-    assert torch.equal(unpatchify(patchify(x, 4), 4, (4, 6)), x)
-
-
 # --------------------------------------------------------------------------------- sampling
 def test_samples_follow_the_softmax_at_the_temperature() -> None:
     logits = torch.tensor([0.0, 1.0, 2.0, -1.0])
@@ -127,11 +122,12 @@ def test_revdet_loss_uses_the_replacement_labels() -> None:
         return F.one_hot(ids, module.tokenizer.vocab_size).float() * 1e4
 
     module.generator.forward = certain  # type: ignore[method-assign]
-    terms = module.losses(x, mask, torch.Generator().manual_seed(0))
-    assert terms["replaced_frac"].item() == 0.0
-    expected = F.binary_cross_entropy_with_logits(terms["output"], torch.zeros_like(terms["output"]))
-    assert terms["loss_enh"].item() == pytest.approx(expected.item(), rel=1e-6)
-    assert terms["gen_accuracy"].item() == 1.0
+    result = module.compute_losses(x, mask, torch.Generator().manual_seed(0))
+    assert result.metrics["replaced_frac"].item() == 0.0
+    output = result.outputs["output"]
+    expected = F.binary_cross_entropy_with_logits(output, torch.zeros_like(output))
+    assert result.terms["loss_enh"].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert result.metrics["gen_accuracy"].item() == 1.0
 
 
 # ------------------------------------------------------------------------- gradient isolation
@@ -139,7 +135,7 @@ def test_revdet_loss_uses_the_replacement_labels() -> None:
 def test_enhancer_loss_sends_no_gradient_to_the_generator(objective: str) -> None:
     module = tiny(objective)
     mask = module.masking(4, generator=torch.Generator().manual_seed(0))
-    terms = module.losses(images(4), mask, torch.Generator().manual_seed(0))
+    terms = module.compute_losses(images(4), mask, torch.Generator().manual_seed(0)).terms
     generator_params = list(module.generator.parameters())
     enhancer_params = list(module.enhancer.parameters())
     from_enhancer = torch.autograd.grad(terms["loss_enh"], generator_params, allow_unused=True, retain_graph=True)
@@ -154,7 +150,7 @@ def test_generator_loss_is_cross_entropy_over_masked_tokens_only() -> None:
     module = tiny().eval()
     x = images(2)
     mask = module.masking(2, generator=torch.Generator().manual_seed(3))
-    terms = module.losses(x, mask, torch.Generator().manual_seed(0))
+    terms = module.compute_losses(x, mask, torch.Generator().manual_seed(0)).terms
     with torch.no_grad():
         small = F.interpolate(x.float() / 255, size=module.tokenizer_size, mode="bilinear", antialias=True)
         ids = module.tokenizer.encode(small).flatten(1)

@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_mim import CMAEModule
 from lightning_mim.data import CMAEViews, SampleDataModule
-from lightning_mim.losses import info_nce, masked_patch_mse, patchify
+from lightning_mim.losses import info_nce, masked_patch_mse
 from lightning_mim.masking import BlockMasking, GridMasking, RandomMasking
 from lightning_mim.nn import sincos_2d_pos_embed
 
@@ -60,14 +60,6 @@ def test_contrastive_closed_form_identical_features() -> None:
     # all s and t rows identical, global batch 8: 2 tau ln 8 = 0.14 ln 8
     same = torch.ones(8, 16)
     assert (2 * 0.07 * info_nce(same, same, 0.07)).item() == pytest.approx(0.291122, abs=1e-6)
-
-
-def test_patchify_layout() -> None:
-    images = torch.arange(2 * 3 * 4 * 4, dtype=torch.float).reshape(2, 3, 4, 4)
-    patches = patchify(images, 2)  # (2, 4, 12)
-    assert patches.shape == (2, 4, 12)
-    # patch 1 (row 0, col 1), pixel (p=0, q=1), channel 2
-    assert patches[0, 1, (0 * 2 + 1) * 3 + 2] == images[0, 2, 0, 3]
 
 
 def test_sincos_position_embedding_values() -> None:

@@ -116,7 +116,7 @@ def test_embed_and_encoders() -> None:
     assert module.eval_encoder == "teacher" and module.default_export == "teacher"  # watched = exported
     features = module.embed(batch()["images"])
     assert features.shape == (8, 48)
-    assert module.encoder("teacher") is module.teacher.encoder
+    assert module.encoder("teacher") is module.teacher.encoder.vit
     student = tiny(eval_encoder="student")
     assert student.default_export == "student"
     # the monitored features are the student's own: perturb the teacher and nothing changes

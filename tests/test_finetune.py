@@ -36,7 +36,7 @@ def data() -> SampleDataModule:
 
 def test_encoder_weights_arrive_intact_and_the_head_is_new(pretrained) -> None:
     ckpt, export, module = pretrained
-    teacher = module.encoder("teacher").vit.state_dict()
+    teacher = module.encoder("teacher").state_dict()
     for source in (ckpt, export):
         model = load_encoder(str(source), global_pool="avg", num_classes=10)
         state = model.state_dict()

@@ -41,7 +41,7 @@ def official_sincos(grid: int, dim: int) -> torch.Tensor:
 
 def test_structure_follows_moco_v3() -> None:
     module = MoCoV3Module(proj_hidden_dim=4096)  # ViT-S/16
-    encoder = module.encoder
+    encoder = module.encoder()
     assert encoder.blocks[0].attn.num_heads == 12  # the official vit_small (timm's has 6)
     assert not any(p.requires_grad for p in encoder.patch_embed.parameters())  # frozen random patch projection
     assert not encoder.pos_embed.requires_grad

@@ -13,11 +13,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from typing_extensions import override
 
-from lightning_mim._rng import make_generator
+from lightning_mim._rng import Stream, make_generator
 
 __all__ = ["OnlineKNN", "knn_predict"]
-
-_SUBSET_STREAM = 23
 
 
 class _Embeds(Protocol):
@@ -126,7 +124,7 @@ class OnlineKNN(Callback):
         n = len(dataset)  # type: ignore[arg-type]
         if size is None or size >= n:
             return dataset
-        generator = make_generator(_SUBSET_STREAM + stream, rank=0, base=0)  # same subset on every rank and run
+        generator = make_generator(Stream.KNN_BANK + stream, rank=0, base=0)  # same subset on every rank and run
         return Subset(dataset, torch.randperm(n, generator=generator)[:size].tolist())
 
     def _embed(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataset: Dataset) -> tuple[Tensor, Tensor]:

@@ -9,13 +9,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_mim._rng import CountedStream, make_generator, mix_seed
+from lightning_mim._rng import CountedStream, Stream, make_generator, mix_seed
 from lightning_mim.masking import MaskGenerator
 
 __all__ = ["MaskingCallback"]
-
-_MASK_STREAM = 11
-_VALIDATION_MASK_STREAM = 12
 
 
 class MaskingCallback(Callback):
@@ -44,7 +41,7 @@ class MaskingCallback(Callback):
         self.masking = masking
         self.key = key
         self.validation = validation
-        self._stream = CountedStream(_MASK_STREAM)
+        self._stream = CountedStream(Stream.MASKING_CALLBACK)
         self._rank = 0
 
     @override
@@ -64,7 +61,7 @@ class MaskingCallback(Callback):
             if self._stream.base is None:  # a validation before the first training step
                 self._stream.base = torch.initial_seed()
             base = mix_seed(self._stream.base, *validation_index)
-            generator = make_generator(_VALIDATION_MASK_STREAM, self._rank, base, first.device)
+            generator = make_generator(Stream.MASKING_CALLBACK_VALIDATION, self._rank, base, first.device)
         batch[self.key] = self.masking(first.shape[0], device=first.device, generator=generator)
 
     @override

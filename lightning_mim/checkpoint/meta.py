@@ -20,6 +20,8 @@ _NAMES = {
     "mimco": "MimCo",
     "vq_tokenizer": "VQ tokenizer",
     "cim": "CIM",
+    "finetune": "fine-tuning",
+    "linear_probe": "linear probe",
 }
 
 
@@ -80,7 +82,11 @@ def read_meta(checkpoint: dict[str, Any], method: str) -> dict[str, Any]:
 _TRAINING_ONLY = {"drop_rate", "drop_path_rate", "attn_drop_rate", "proj_drop_rate", "pos_drop_rate", "patch_drop_rate"}
 _NOT_ARGS = {"num_classes", "pretrained", "pretrained_cfg", "pretrained_cfg_overlay"}
 #: Methods whose checkpoints hold no timm encoder (CIM's stage-0 tokenizer is a VQ-VAE).
-_NO_ENCODER = {"vq_tokenizer": "VQ tokenizer (CIM stage 0)"}
+_NO_ENCODER = {
+    "vq_tokenizer": "VQ tokenizer (CIM stage 0)",
+    "finetune": "fine-tuning (FineTuneModule)",
+    "linear_probe": "linear probe (LinearProbeModule)",
+}
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from lightning_mim.checkpoint.files import load_checkpoint
+from lightning_mim.checkpoint.files import load_checkpoint, torch_load_weights
 from lightning_mim.checkpoint.meta import encoder_state
 from lightning_mim.nn.timm_models import TimmArgs, create_timm_model, is_token_model, timm_family
 
-__all__ = ["load_encoder", "read_weights"]
+__all__ = ["load_encoder", "load_weights_file", "read_weights"]
 
 _ALLOWED_MISSING = ("head.", "fc.", "fc_norm.")  # new classifier and pooled-feature norm
 _ALLOWED_UNEXPECTED = ("norm.",)  # the per-token final norm, replaced by fc_norm under mean pooling
@@ -88,3 +88,34 @@ def load_encoder(
                 f"{weights} does not fit {arch}: missing {bad_missing[:5]}, unexpected {bad_unexpected[:5]}"
             )
     return model
+
+
+def load_weights_file(model: nn.Module, path: Path, ignore: tuple[str, ...] = ()) -> None:
+    """Loads weights from a .safetensors or a tensor-only .pth/.pt file (``weights_only=True``) into ``model``.
+
+    A ``state_dict`` or ``model`` wrapper is unwrapped; unexpected keys starting with ``ignore`` (e.g.
+    a classifier) are skipped; any other mismatch is a ``ValueError`` naming the keys.
+    """
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state: Any = load_file(str(path))
+        except Exception as err:  # safetensors raises its own SafetensorError for corrupt files
+            raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from err
+    else:
+        state = torch_load_weights(path)
+        for wrapper in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+                state = state[wrapper]
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of teacher weights")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"{path} does not fit the teacher architecture: {str(err).splitlines()[1:3]}") from err
+    unexpected = [k for k in unexpected if not k.startswith(ignore)]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not fit the teacher architecture: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )

@@ -22,11 +22,11 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-from lightning_mim._rng import mix_seed, stream_seed
+from lightning_mim._rng import Stream, mix_seed, stream_seed
 
 __all__ = ["ResumableSampler", "apply_seeded", "split_key"]
 
-_VIEW_STREAM = 0x5649  # "VI"
+_VIEW_STREAM = Stream.VIEWS
 T = TypeVar("T")
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "check_crop_scale",
     "check_input_size",
     "check_mask_count",
+    "check_mask_grid",
     "check_momenta",
     "check_non_negative",
     "check_normalization",
@@ -127,4 +128,13 @@ def check_contrastive_batch(module: Any, loss: str) -> None:
         raise ValueError(
             f"{owner}: the training loader's last batch holds 1 image ({size} images, batch_size {batch_size}, "
             f"drop_last=False); {loss} needs at least 2 images per batch: set drop_last=True"
+        )
+
+
+def check_mask_grid(owner: str, masking: MaskGenerator, grid: tuple[int, int], what: str = "patch grid") -> None:
+    """The mask generator draws masks over ``grid`` (the encoder's patch grid, or CIM's token grid)."""
+    if (masking.height, masking.width) != tuple(grid):
+        raise ValueError(
+            f"{owner}(masking={masking!r}): its grid ({masking.height}, {masking.width}) does not match the "
+            f"{what} {tuple(grid)}; build the generator for that grid"
         )

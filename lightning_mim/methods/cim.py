@@ -19,10 +19,9 @@ optional, unused. The tokenizer's input (the same crop at ``grid * downsample`` 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -30,13 +29,22 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 
-from lightning_mim._rng import CountedStream, make_generator
-from lightning_mim.callbacks.diagnostics import heatmap, mask_overlay, to_unit_range, unnormalize
-from lightning_mim.checkpoint.meta import EncoderSpec, read_meta, write_meta
+from lightning_mim._rng import CountedStream, Stream, make_generator
+from lightning_mim.checkpoint.meta import EncoderSpec
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView, MAEViews, normalize
 from lightning_mim.losses import window_normalize
 from lightning_mim.masking import BlockMasking, MaskGenerator
-from lightning_mim.methods._validation import check_mask_count, check_normalization
+from lightning_mim.methods._parts import (
+    LossTerms,
+    MaskDraws,
+    checked_normalization,
+    eval_views,
+    load_method_state,
+    save_method_state,
+    store_optim,
+)
+from lightning_mim.methods._validation import check_mask_count, check_mask_grid, check_non_negative, check_positive
+from lightning_mim.methods.settings import CIM_OPTIM
 from lightning_mim.methods.tokenizer import load_vq_tokenizer
 from lightning_mim.nn import MaskedViT
 from lightning_mim.nn.compile import compile_in_place
@@ -44,17 +52,11 @@ from lightning_mim.nn.enhancer import Enhancer, Objective
 from lightning_mim.nn.timm_models import TimmArgs, timm_family
 from lightning_mim.nn.tokenizer import ImageTokenizer, VQTokenizer
 from lightning_mim.optim import OptimConfig, configure_adamw
+from lightning_mim.pictures import heatmap, mask_overlay, to_unit_range, unnormalize
 
 __all__ = ["CIM_OPTIM", "CIMModule", "sample_tokens"]
 
-#: Chosen defaults (BEiT-like): AdamW (0.9, 0.999), lr 1.5e-3 per 2048 images, wd 0.05, 10 warmup
-#: epochs, cosine to 1e-5.
-CIM_OPTIM = OptimConfig(
-    lr=1.5e-3, base_batch_size=2048, min_lr=1e-5, weight_decay=0.05, betas=(0.9, 0.999), warmup_epochs=10
-)
 
-_MASK_STREAM = 4
-_SAMPLE_STREAM = 5
 _NO_TOKENIZER = (
     "CIM needs a frozen tokenizer: pass tokenizer_ckpt (a VQTokenizerModule checkpoint, e.g. from "
     "`lightning-mim fit --config configs/quickstart/vq_tokenizer.yaml`), a tokenizer object (e.g. "
@@ -162,15 +164,11 @@ class CIMModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["tokenizer", "masking", "optim"])
-        self.hparams["optim"] = dataclasses.asdict(optim)  # plain types: checkpoints load with weights_only
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if enhancer_weight < 0:
-            raise ValueError(f"enhancer_weight must be >= 0, got {enhancer_weight}")
-        if clip_grad_norm is not None and clip_grad_norm <= 0:
-            raise ValueError(f"clip_grad_norm must be > 0 or None, got {clip_grad_norm}")
+        self.optim = store_optim(self, optim)
         owner = type(self).__name__
-        check_normalization(owner, mean, std)
+        check_positive(owner, temperature=temperature, clip_grad_norm=clip_grad_norm)
+        check_non_negative(owner, enhancer_weight=enhancer_weight)
+        self.mean, self.std = checked_normalization(owner, mean, std)
         enhancer_names = TimmArgs(owner, "enhancer", "enhancer_kwargs")
         kwargs = dict(enhancer_kwargs or {})
         if timm_family(enhancer, enhancer_names) != "timm.models.resnet":
@@ -201,10 +199,7 @@ class CIMModule(pl.LightningModule):
         self.masking = (
             masking if masking is not None else BlockMasking(grid, num_masking_patches=round(0.5 * grid[0] * grid[1]))
         )
-        if (self.masking.height, self.masking.width) != grid:
-            raise ValueError(
-                f"masking grid ({self.masking.height}, {self.masking.width}) does not match the token grid {grid}"
-            )
+        check_mask_grid(owner, self.masking, grid, "token grid")
         check_mask_count(owner, self.masking)
         if objective == "respix" and not 2 <= window <= 2 * self.image_size - 1:
             raise ValueError(
@@ -217,16 +212,14 @@ class CIMModule(pl.LightningModule):
         self.enhancer_weight = enhancer_weight
         self.window = window
         self.clip_grad_norm = clip_grad_norm
-        self.optim = optim
         self.use_compile = compile
         for network in (
             self.enhancer.backbone,
             self.generator.encoder,
         ):
             network.set_grad_checkpointing(grad_checkpointing)
-        self.mean, self.std = tuple(mean), tuple(std)
-        self._mask_stream = CountedStream(_MASK_STREAM)
-        self._sample_stream = CountedStream(_SAMPLE_STREAM)
+        self._masks = MaskDraws(Stream.CIM_MASKS)
+        self._sample_stream = CountedStream(Stream.CIM_SAMPLES)
 
     @staticmethod
     def _build_tokenizer(path: str | None, tokenizer: ImageTokenizer | None, allow_random: bool) -> ImageTokenizer:
@@ -253,10 +246,12 @@ class CIMModule(pl.LightningModule):
         return MAEViews(size=self.image_size, scale=(0.08, 1.0))
 
     def eval_views(self) -> EvalView:
-        return EvalView(size=self.image_size, crop_fraction=0.875 if self.image_size >= 64 else 1.0)
+        return eval_views(self.image_size)
 
-    def encoder(self) -> nn.Module:
+    def encoder(self, which: Literal["student"] = "student") -> nn.Module:
         """The pre-trained encoder: the enhancer's timm backbone (generator and tokenizer are dropped)."""
+        if which != "student":
+            raise ValueError(f"{type(self).__name__}.encoder(which={which!r}): CIM has one encoder, 'student'")
         return self.enhancer.backbone
 
     default_export = "student"
@@ -286,8 +281,20 @@ class CIMModule(pl.LightningModule):
                 nn.utils.clip_grad_norm_(network.parameters(), self.clip_grad_norm, foreach=True)
 
     # ---------------------------------------------------------------------------------- steps
-    def losses(self, images_uint8: Tensor, mask: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
-        """All CIM terms for uint8 ``images_uint8`` (B, 3, H, W) and ``mask`` (B, N) over the token grid."""
+    def compute_losses(self, images_uint8: Tensor, mask: Tensor, generator: torch.Generator | None) -> LossTerms:
+        """CIM's terms: ``loss_gen``, the generator's cross-entropy on the masked tokens, and ``loss_enh``, the
+        enhancer's loss on the image rebuilt from the generator's samples (ResPix: the window-normalised
+        pixels; RevDet: which tokens were replaced).
+
+        Args:
+            images_uint8: uint8 images (B, 3, H, W).
+            mask: (B, N) bool over the token grid, True = masked for the generator.
+            generator: Draws the generator's samples.
+
+        Returns:
+            The terms, the metrics ``gen_accuracy`` and ``replaced_frac``, and the outputs
+            ``replaced``, ``corrupted_images`` and ``output`` (for diagnostics).
+        """
         pixels = images_uint8.float() / 255.0  # (B, 3, H, W) in [0, 1]
         images = normalize(images_uint8, self.mean, self.std)
         with torch.no_grad():
@@ -314,39 +321,25 @@ class CIMModule(pl.LightningModule):
             loss_enh = F.mse_loss(out.float(), window_normalize(images, self.window))
         with torch.no_grad():
             accuracy = ((logits.argmax(dim=-1) == ids).float() * weights).sum() / num_masked
-        return {
-            "loss": loss_gen + self.enhancer_weight * loss_enh,
-            "loss_gen": loss_gen,
-            "loss_enh": loss_enh,
-            "gen_accuracy": accuracy,
-            "replaced_frac": replaced.float().mean(),
-            "replaced": replaced,
-            "corrupted_images": corrupted_images,
-            "output": out,
-        }
+        return LossTerms(
+            {"loss_gen": loss_gen, "loss_enh": loss_enh},
+            {"loss_enh": self.enhancer_weight},
+            metrics={"gen_accuracy": accuracy, "replaced_frac": replaced.float().mean()},
+            outputs={"replaced": replaced, "corrupted_images": corrupted_images, "output": out},
+        )
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         images = batch["images"]
-        self._mask_stream.seed_global(self.global_rank)  # dropout, drop path: resumable
-        generator = self._mask_stream.next(self.global_rank, self.device)
-        mask = self.masking(images.shape[0], device=self.device, generator=generator)
-        terms = self.losses(images, mask, self._sample_stream.next(self.global_rank, self.device))
-        self.log("train/loss", terms["loss"], prog_bar=True)
-        for key in ("loss_gen", "loss_enh", "gen_accuracy", "replaced_frac"):
-            self.log(f"train/{key}", terms[key])
-        return terms["loss"]
+        mask = self._masks.training(self, self.masking, images.shape[0])  # (B, N)
+        return self.compute_losses(images, mask, self._sample_stream.next(self.global_rank, self.device)).log(self)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         images = batch["images"]
-        mask = self.masking(
-            images.shape[0],
-            device=self.device,
-            generator=make_generator(_MASK_STREAM, rank=self.global_rank, base=batch_idx),
-        )
-        sampler = make_generator(_SAMPLE_STREAM, rank=self.global_rank, base=batch_idx, device=self.device)
-        terms = self.losses(images, mask, sampler)
-        for key in ("loss_gen", "loss_enh", "gen_accuracy"):
-            self.log(f"val/{key}", terms[key], sync_dist=True)
+        mask = self._masks.validation(self, self.masking, images.shape[0], batch_idx)
+        sampler = make_generator(Stream.CIM_SAMPLES, rank=self.global_rank, base=batch_idx, device=self.device)
+        result = self.compute_losses(images, mask, sampler)
+        for key, value in {**result.terms, "gen_accuracy": result.metrics["gen_accuracy"]}.items():
+            self.log(f"val/{key}", value, sync_dist=True)
 
     def diagnostics(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         """Panels for :class:`~lightning_mim.callbacks.VisualDiagnostics`: input, mask, the corrupted
@@ -354,7 +347,7 @@ class CIMModule(pl.LightningModule):
         target (each min-max scaled); RevDet: the predicted replacement probability per token next
         to the true replacements (blue = original, red = replaced)."""
         mask = self.masking(images.shape[0], device=self.device, generator=generator)
-        terms = self.losses(images, mask, generator)
+        terms = self.compute_losses(images, mask, generator).outputs
         pixels = images.float() / 255.0
         grid, size = self.enhancer.grid_size, (pixels.shape[-2], pixels.shape[-1])
         panels = {
@@ -376,16 +369,11 @@ class CIMModule(pl.LightningModule):
         return self.enhancer.pooled(normalize(images, self.mean, self.std))
 
     # --------------------------------------------------------------------------- checkpoints
+    def _streams(self) -> dict[str, MaskDraws | CountedStream]:
+        return {"mask_stream": self._masks, "sample_stream": self._sample_stream}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        write_meta(
-            checkpoint,
-            "cim",
-            module=self,
-            mask_stream=self._mask_stream.state_dict(),
-            sample_stream=self._sample_stream.state_dict(),
-        )
+        save_method_state(checkpoint, "cim", self, self._streams())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = read_meta(checkpoint, "cim")
-        self._mask_stream.load_state_dict(meta["mask_stream"])
-        self._sample_stream.load_state_dict(meta["sample_stream"])
+        load_method_state(checkpoint, "cim", self._streams())

@@ -20,7 +20,6 @@ Validation batches need only ``images``.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -30,66 +29,47 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 
-from lightning_mim._rng import CountedStream, make_generator
-from lightning_mim.callbacks.diagnostics import mask_overlay, unnormalize
+from lightning_mim._rng import Stream
 from lightning_mim.callbacks.ema import EMATeacher
-from lightning_mim.checkpoint.meta import EncoderSpec, read_meta, write_meta
+from lightning_mim.checkpoint.meta import EncoderSpec
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, CMAEViews, EvalView, MAEViews, normalize
-from lightning_mim.losses import info_nce, masked_patch_mse, patchify, unpatchify
+from lightning_mim.losses import info_nce, masked_patch_mse
 from lightning_mim.masking import GridMasking, MaskGenerator
+from lightning_mim.methods._parts import (
+    LossTerms,
+    MaskDraws,
+    checked_normalization,
+    eval_views,
+    load_method_state,
+    restore_optim,
+    save_method_state,
+    store_optim,
+    sync_batchnorm_on_gpus,
+)
 from lightning_mim.methods._validation import (
     check_contrastive_batch,
     check_mask_count,
+    check_mask_grid,
     check_momenta,
-    check_normalization,
+    check_non_negative,
     check_positive,
 )
+from lightning_mim.methods.settings import CMAE_DECAY_RULE, CMAE_OPTIM, MAE_DECAY_RULE, MAE_OPTIM
 from lightning_mim.nn import BNProjector, MAEDecoder, MaskedViT, freeze_sincos_pos_embed
 from lightning_mim.nn.compile import compile_in_place
-from lightning_mim.nn.heads import sync_batchnorm_on_gpus
 from lightning_mim.nn.init import init_mae_vit_
 from lightning_mim.nn.timm_models import TimmArgs
-from lightning_mim.optim import OptimConfig, WeightDecayRule, configure_adamw, optim_config, resumable_optim
+from lightning_mim.optim import OptimConfig, configure_adamw
+from lightning_mim.patches import patchify, unpatchify
+from lightning_mim.pictures import mask_overlay, unnormalize
 
 __all__ = ["CMAE_DECAY_RULE", "CMAE_OPTIM", "MAE_DECAY_RULE", "MAE_OPTIM", "CMAEModule"]
-
-#: CMAE's official rule (mmengine ``custom_keys`` with decay_mult 0): parameters whose name contains
-#: 'ln', 'bias', 'pos_embed', 'mask_token' or 'cls_token'. The official model names every LayerNorm
-#: ``ln*``; timm names them ``norm*``, hence 'norm' here. The projector's and predictor's BatchNorm
-#: weights match none of these and ARE decayed (their biases are not).
-CMAE_DECAY_RULE = WeightDecayRule(
-    one_dim=False,
-    bias=False,
-    substrings=("norm", "bias", "pos_embed", "mask_token", "cls_token"),
-    module_hooks=False,
-)
-
-#: The official ViT-B recipe: lr 1.5e-4 per 256 images (2.4e-3 at 4096), AdamW (0.9, 0.95), wd 0.05
-#: by ``CMAE_DECAY_RULE``, 40 warmup epochs, cosine to 0.
-CMAE_OPTIM = OptimConfig(
-    lr=1.5e-4,
-    base_batch_size=256,
-    min_lr=0.0,
-    weight_decay=0.05,
-    decay_rule=CMAE_DECAY_RULE,
-    betas=(0.9, 0.95),
-    warmup_epochs=40,
-)
-
-#: MAE's rule (facebookresearch/mae ``main_pretrain.py``: timm 0.3's ``add_weight_decay`` with no skip
-#: list): no decay on 1-D parameters and biases only; the class and mask tokens are decayed.
-MAE_DECAY_RULE = WeightDecayRule(one_dim=True, bias=True, module_hooks=False)
-
-#: MAE's recipe, for ``CMAEModule(contrastive_weight=0)``: as ``CMAE_OPTIM`` but with ``MAE_DECAY_RULE``.
-MAE_OPTIM = dataclasses.replace(CMAE_OPTIM, decay_rule=MAE_DECAY_RULE)
-
-_MASK_STREAM = 2
 
 
 class _OnlineHeads(nn.Module):
     """Feature decoder -> mean over positions -> projector -> predictor."""
 
-    def __init__(self, feature_decoder: MAEDecoder, projector: BNProjector, predictor: BNProjector) -> None:
+    def __init__(self, feature_decoder: nn.Module, projector: nn.Module, predictor: nn.Module) -> None:
         super().__init__()
         self.feature_decoder = feature_decoder
         self.projector = projector
@@ -166,13 +146,10 @@ class CMAEModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["masking", "optim"])
-        optim = optim_config(optim)
-        self.hparams["optim"] = dataclasses.asdict(optim)  # plain types: checkpoints load with weights_only
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if reconstruction_weight < 0 or contrastive_weight < 0:
-            raise ValueError("reconstruction_weight and contrastive_weight must be >= 0")
+        self.optim = store_optim(self, optim)
         owner = type(self).__name__
+        check_positive(owner, temperature=temperature)
+        check_non_negative(owner, reconstruction_weight=reconstruction_weight, contrastive_weight=contrastive_weight)
         if reconstruction_weight == 0 and contrastive_weight == 0:
             raise ValueError(
                 f"{owner}(reconstruction_weight=0, contrastive_weight=0): the loss would be 0; give one a weight > 0"
@@ -190,7 +167,7 @@ class CMAEModule(pl.LightningModule):
                 "divisible by its number of attention heads"
             )
         check_momenta(owner, momentum=momentum)
-        check_normalization(owner, mean, std)
+        self.mean, self.std = checked_normalization(owner, mean, std)
         names = TimmArgs(owner, "backbone", "backbone_kwargs")
         if init not in ("official", "timm"):
             raise ValueError(f"{owner}(init={init!r}): must be 'official' or 'timm'")
@@ -208,35 +185,27 @@ class CMAEModule(pl.LightningModule):
                 f"{grid}; pass another masking generator (e.g. RandomMasking) or change img_size / patch_size"
             )
         self.masking = masking if masking is not None else GridMasking(grid, cell_size=2, mask_ratio=0.65)
-        if (self.masking.height, self.masking.width) != grid:
-            raise ValueError(
-                f"masking grid ({self.masking.height}, {self.masking.width}) does not match "
-                f"the backbone's patch grid {grid}"
-            )
+        check_mask_grid(owner, self.masking, grid)
         if not self.masking.fixed_count:
             raise ValueError(
-                f"{type(self.masking).__name__} masks a varying number of patches; CMAE needs a fixed count"
+                f"{owner}(masking={self.masking!r}): masks a varying number of patches; the encoder drops the "
+                "masked ones and needs the same count in every image"
             )
         check_mask_count(owner, self.masking, needs_visible=True)  # the encoder sees the visible patches only
         self.num_visible = self.masking.num_patches - self.masking.num_masking_patches
         self.patch_size = int(vit.patch_embed.patch_size[0])
         self.image_size = int(vit.patch_embed.img_size[0])
-        pixels = self.patch_size**2 * 3
-
-        def decoder(depth: int, out_dim: int) -> MAEDecoder:
-            return MAEDecoder(
-                grid, width, out_dim, decoder_dim, depth, decoder_heads, 4.0, self.encoder.num_prefix_tokens
-            )
-
-        def head(in_dim: int) -> BNProjector:
-            return BNProjector(in_dim, proj_hidden_dim, proj_dim, 2, last_bn=False, hidden_bias=True, bn_eps=1e-6)
-
-        self.pixel_decoder = decoder(decoder_depth, pixels)
+        self.decoder_dim, self.decoder_heads = decoder_dim, decoder_heads
+        self.proj_hidden_dim, self.proj_dim = proj_hidden_dim, proj_dim
+        # Decoders and heads come from the hooks before the target branch is copied: a subclass changes both.
+        self.pixel_decoder = self.build_decoder(decoder_depth, self.patch_size**2 * 3)
         self.contrastive = contrastive_weight > 0
         if self.contrastive:
             # The feature decoder outputs encoder-width features so that one projector shape serves
             # both branches (official ViT-B/16: 768 = 16 * 16 * 3, the same layer).
-            self.online_heads = _OnlineHeads(decoder(feature_decoder_depth, width), head(width), head(proj_dim))
+            feature_decoder = self.build_decoder(feature_decoder_depth, width)
+            projector = self.build_projector(width)
+            self.online_heads = _OnlineHeads(feature_decoder, projector, self.build_predictor(proj_dim))
             self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
             self.target_encoder.vit.norm = nn.Identity()  # the target branch has no final norm
             self.target_projector = copy.deepcopy(self.online_heads.projector).requires_grad_(False)
@@ -246,12 +215,32 @@ class CMAEModule(pl.LightningModule):
         self.contrastive_weight = contrastive_weight
         self.momentum = momentum
         self.sync_batchnorm = sync_batchnorm
-        self.optim = optim
         self.use_compile = compile
-        for network in (self.encoder,):
-            network.set_grad_checkpointing(grad_checkpointing)
-        self.mean, self.std = tuple(mean), tuple(std)
-        self._mask_stream = CountedStream(_MASK_STREAM)
+        self.encoder.set_grad_checkpointing(grad_checkpointing)
+        self._masks = MaskDraws(Stream.CMAE_MASKS)
+
+    def build_decoder(self, depth: int, out_dim: int) -> nn.Module:
+        """An MAE decoder of ``depth`` blocks from the encoder's visible tokens to ``out_dim`` per patch:
+        the pixel decoder (out: P*P*3) and the feature decoder (out: the encoder width)."""
+        encoder = self.encoder
+        return MAEDecoder(
+            encoder.grid_size,
+            encoder.embed_dim,
+            out_dim,
+            self.decoder_dim,
+            depth,
+            self.decoder_heads,
+            4.0,
+            encoder.num_prefix_tokens,
+        )
+
+    def build_projector(self, in_dim: int) -> nn.Module:
+        """The projector of both branches (the target branch gets a copy): CMAE's 2-layer BatchNorm MLP."""
+        return BNProjector(in_dim, self.proj_hidden_dim, self.proj_dim, 2, last_bn=False, hidden_bias=True, bn_eps=1e-6)
+
+    def build_predictor(self, in_dim: int) -> nn.Module:
+        """The online branch's predictor: the projector's design."""
+        return BNProjector(in_dim, self.proj_hidden_dim, self.proj_dim, 2, last_bn=False, hidden_bias=True, bn_eps=1e-6)
 
     # ----------------------------------------------------------------------------------- parts
     def train_views(self) -> CMAEViews | MAEViews:
@@ -260,7 +249,7 @@ class CMAEModule(pl.LightningModule):
 
     def eval_views(self) -> EvalView:
         """Data-loader transform for validation and kNN images."""
-        return EvalView(size=self.image_size, crop_fraction=0.875 if self.image_size >= 64 else 1.0)
+        return eval_views(self.image_size)
 
     def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(online, target) pairs updated by EMA: encoder and projector, not decoders or predictor."""
@@ -312,39 +301,35 @@ class CMAEModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         images = normalize(batch["images"], self.mean, self.std)
         target_images = normalize(batch["target_images"], self.mean, self.std) if self.contrastive else None
-        self._mask_stream.seed_global(self.global_rank)  # dropout, drop path: resumable
-        generator = self._mask_stream.next(self.global_rank, self.device)
-        mask = self.masking(images.shape[0], device=self.device, generator=generator)  # (B, N)
-        loss, loss_rec, loss_con = self._losses(images, target_images, mask)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/loss_rec", loss_rec)
-        if self.contrastive:
-            self.log("train/loss_con", loss_con)
-        return loss
+        mask = self._masks.training(self, self.masking, images.shape[0])  # (B, N)
+        return self.compute_losses(images, target_images, mask).log(self)
 
-    def _losses(self, images: Tensor, target_images: Tensor | None, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def compute_losses(self, images: Tensor, target_images: Tensor | None, mask: Tensor) -> LossTerms:
+        """CMAE's terms: ``loss_rec``, the masked patches' pixels from the visible ones, and ``loss_con``, the
+        online branch's image embedding against the momentum branch's embedding of the pixel-shifted view.
+
+        Args:
+            images: Normalised online view (B, 3, H, W).
+            target_images: Normalised target view (B, 3, H, W); None (or plain MAE): reconstruction only.
+            mask: (B, N) bool, True = masked (not seen by the encoder).
+        """
         tokens = self.encoder(images, mask, num_visible=self.num_visible)  # (B, 1 + N_visible, D)
         pred = self.pixel_decoder(tokens, mask)  # (B, N, P*P*3)
         loss_rec = masked_patch_mse(pred, patchify(images, self.patch_size), mask, self.norm_pix)
+        weights = {"loss_rec": self.reconstruction_weight}
         if not self.contrastive or target_images is None:
-            return self.reconstruction_weight * loss_rec, loss_rec, torch.zeros_like(loss_rec)
+            return LossTerms({"loss_rec": loss_rec}, weights)
         with torch.no_grad():
             target_tokens = self.target_encoder(target_images)  # (B, 1 + N, D), no final norm
             key = self.target_projector(self.target_encoder.patch_tokens(target_tokens).mean(dim=1))
         query = self.online_heads(tokens, mask)  # (B, proj_dim)
         loss_con = 2 * self.temperature * info_nce(query, key, self.temperature)
-        loss = self.reconstruction_weight * loss_rec + self.contrastive_weight * loss_con
-        return loss, loss_rec, loss_con
+        return LossTerms({"loss_rec": loss_rec, "loss_con": loss_con}, {**weights, "loss_con": self.contrastive_weight})
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         images = normalize(batch["images"], self.mean, self.std)
-        generator = make_generator(_MASK_STREAM, rank=self.global_rank, base=batch_idx)
-        mask = self.masking(images.shape[0], device=self.device, generator=generator)
-        tokens = self.encoder(images, mask, num_visible=self.num_visible)
-        loss_rec = masked_patch_mse(
-            self.pixel_decoder(tokens, mask), patchify(images, self.patch_size), mask, self.norm_pix
-        )
-        self.log("val/loss_rec", loss_rec, sync_dist=True)
+        mask = self._masks.validation(self, self.masking, images.shape[0], batch_idx)
+        self.log("val/loss_rec", self.compute_losses(images, None, mask).terms["loss_rec"], sync_dist=True)
 
     def diagnostics(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         """Panels for :class:`~lightning_mim.callbacks.VisualDiagnostics`: input, mask, and the pixel
@@ -373,12 +358,11 @@ class CMAEModule(pl.LightningModule):
 
     # --------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        write_meta(checkpoint, self._method, module=self, mask_stream=self._mask_stream.state_dict())
+        save_method_state(checkpoint, self._method, self, {"mask_stream": self._masks})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._mask_stream.load_state_dict(read_meta(checkpoint, self._method)["mask_stream"])
-        self.optim = resumable_optim(self.optim, checkpoint, type(self).__name__)
-        self.hparams["optim"] = dataclasses.asdict(self.optim)
+        load_method_state(checkpoint, self._method, {"mask_stream": self._masks})
+        self.optim = restore_optim(self, self.optim, checkpoint)
 
     @property
     def _method(self) -> str:

@@ -19,7 +19,6 @@ Validation batches need only ``images``.
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -29,57 +28,45 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 
-from lightning_mim._rng import CountedStream, make_generator
-from lightning_mim.callbacks.diagnostics import similarity_panels
+from lightning_mim._rng import Stream
 from lightning_mim.callbacks.ema import EMATeacher
-from lightning_mim.checkpoint.meta import EncoderSpec, read_meta, write_meta
+from lightning_mim.checkpoint.meta import EncoderSpec
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, ConMIMViews, EvalView, normalize
 from lightning_mim.losses import patch_contrastive_loss
 from lightning_mim.masking import BlockMasking, MaskGenerator
+from lightning_mim.methods._parts import (
+    LossTerms,
+    MaskDraws,
+    checked_normalization,
+    eval_views,
+    load_method_state,
+    restore_optim,
+    save_method_state,
+    store_optim,
+)
 from lightning_mim.methods._validation import (
     check_crop_scale,
     check_mask_count,
+    check_mask_grid,
     check_momenta,
-    check_normalization,
     check_positive,
 )
+from lightning_mim.methods.settings import CONMIM_BACKBONE_DEFAULTS, CONMIM_DECAY_RULE, CONMIM_OPTIM
 from lightning_mim.nn import BNProjector, MaskedViT
 from lightning_mim.nn.compile import compile_in_place
 from lightning_mim.nn.fsdp import is_sharded, shard_networks
 from lightning_mim.nn.init import init_beit_pretraining_
 from lightning_mim.nn.timm_models import TimmArgs
-from lightning_mim.optim import OptimConfig, WeightDecayRule, configure_adamw, optim_config, resumable_optim
+from lightning_mim.optim import OptimConfig, configure_adamw
+from lightning_mim.pictures import similarity_panels
 
 __all__ = ["CONMIM_BACKBONE_DEFAULTS", "CONMIM_DECAY_RULE", "CONMIM_OPTIM", "ConMIMModule"]
-
-#: BEiT-style backbone of the official code: shared relative position bias, no absolute position
-#: embedding, layer-scale 0.1 (use 1e-5 for ViT-L), no drop path.
-CONMIM_BACKBONE_DEFAULTS: dict[str, Any] = {
-    "use_abs_pos_emb": False,
-    "use_rel_pos_bias": False,
-    "use_shared_rel_pos_bias": True,
-    "init_values": 0.1,
-    "drop_path_rate": 0.0,
-}
-
-#: The official weight-decay rule (BEiT's optim_factory with the model's ``no_weight_decay()``): no decay
-#: on 1-D parameters, biases, ``pos_embed`` and ``cls_token``, and nothing else: the mask token and
-#: the shared relative-position-bias table are decayed.
-CONMIM_DECAY_RULE = WeightDecayRule(one_dim=True, bias=True, names=("pos_embed", "cls_token"), module_hooks=False)
-
-#: The official optimiser settings: lr 5e-4 (absolute), AdamW (0.9, 0.98), wd 0.05 by
-#: ``CONMIM_DECAY_RULE``, 5 warmup epochs, cosine to 1e-5.
-CONMIM_OPTIM = OptimConfig(
-    lr=5e-4, min_lr=1e-5, weight_decay=0.05, decay_rule=CONMIM_DECAY_RULE, betas=(0.9, 0.98), warmup_epochs=5.0
-)
-
-_MASK_STREAM = 1
 
 
 class _Network(nn.Module):
     """Encoder + token projector: (B, C, H, W) -> projected patch tokens (B, N, out_dim)."""
 
-    def __init__(self, encoder: MaskedViT, projector: BNProjector) -> None:
+    def __init__(self, encoder: MaskedViT, projector: nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
         self.projector = projector
@@ -156,44 +143,46 @@ class ConMIMModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["masking", "optim"])
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if eval_encoder not in ("student", "teacher"):
-            raise ValueError(f"eval_encoder must be 'student' or 'teacher', got {eval_encoder!r}")
+        self.optim = store_optim(self, optim)
         owner = type(self).__name__
+        if eval_encoder not in ("student", "teacher"):
+            raise ValueError(f"{owner}(eval_encoder={eval_encoder!r}): must be 'student' or 'teacher'")
         if init not in ("official", "timm"):
             raise ValueError(f"{owner}(init={init!r}): must be 'official' or 'timm'")
-        check_positive(owner, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim, proj_layers=proj_layers)
+        check_positive(
+            owner, temperature=temperature, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim, proj_layers=proj_layers
+        )
         check_momenta(owner, momentum=momentum, final_momentum=final_momentum)
-        check_normalization(owner, mean, std)
+        self.mean, self.std = checked_normalization(owner, mean, std)
         self.crop_scale = check_crop_scale(owner, crop_scale)
         kwargs = dict(CONMIM_BACKBONE_DEFAULTS) if backbone.startswith("beit") else {}
         kwargs.update(backbone_kwargs or {})
         encoder = MaskedViT(backbone, mode="mask_token", names=TimmArgs(owner, "backbone", "backbone_kwargs"), **kwargs)
-        grid = encoder.grid_size
-        self.masking = masking if masking is not None else BlockMasking.beit_default(grid)
-        if (self.masking.height, self.masking.width) != grid:
-            raise ValueError(
-                f"masking grid ({self.masking.height}, {self.masking.width}) does not match "
-                f"the backbone's patch grid {grid}"
-            )
+        self.masking = masking if masking is not None else BlockMasking.beit_default(encoder.grid_size)
+        check_mask_grid(owner, self.masking, encoder.grid_size)
         check_mask_count(owner, self.masking)
-        self.student = _Network(encoder, BNProjector(encoder.embed_dim, proj_hidden_dim, proj_dim, proj_layers))
+        self.proj_hidden_dim, self.proj_dim, self.proj_layers = proj_hidden_dim, proj_dim, proj_layers
+        # The heads come from the hook before the teacher is copied: a subclass changes both.
+        self.student = _Network(encoder, self.build_projector(encoder.embed_dim))
         if init == "official":
             init_beit_pretraining_([self.student.encoder, self.student.projector], encoder.vit.blocks)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.temperature = temperature
         self.momentum = momentum
         self.final_momentum = final_momentum
-        self.optim = optim_config(optim)
         self.use_compile = compile
-        for network in (self.student.encoder,):
-            network.set_grad_checkpointing(grad_checkpointing)
-        self.hparams["optim"] = dataclasses.asdict(self.optim)  # plain types: checkpoints load with weights_only
+        self.student.encoder.set_grad_checkpointing(grad_checkpointing)
         self.eval_encoder = eval_encoder
-        self.mean, self.std = tuple(mean), tuple(std)
         self.image_size: int = int(encoder.vit.patch_embed.img_size[0])
-        self._mask_stream = CountedStream(_MASK_STREAM)
+        self._masks = MaskDraws(Stream.CONMIM_MASKS)
+
+    def build_projector(self, in_dim: int) -> nn.Module:
+        """The token projector of student and teacher: (..., in_dim) -> (..., out_dim).
+
+        Default: the official BatchNorm MLP (``proj_layers`` linear layers, ``proj_hidden_dim`` wide,
+        ``proj_dim`` out). Override it in a subclass to try another head; the teacher gets a copy.
+        """
+        return BNProjector(in_dim, self.proj_hidden_dim, self.proj_dim, self.proj_layers)
 
     # ----------------------------------------------------------------------------------- parts
     def train_views(self) -> ConMIMViews:
@@ -202,7 +191,7 @@ class ConMIMModule(pl.LightningModule):
 
     def eval_views(self) -> EvalView:
         """Data-loader transform for validation and kNN images."""
-        return EvalView(size=self.image_size, crop_fraction=0.875 if self.image_size >= 64 else 1.0)
+        return eval_views(self.image_size)
 
     def configure_callbacks(self) -> list[Callback]:
         return [EMATeacher("student", "teacher", momentum=self.momentum, final_momentum=self.final_momentum)]
@@ -216,10 +205,14 @@ class ConMIMModule(pl.LightningModule):
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         return configure_adamw(self, self.student, self.optim)
 
-    def encoder(self, which: Literal["student", "teacher"] = "student") -> MaskedViT:
-        """The student's or the teacher's encoder (the official fine-tuning starts from the teacher)."""
-        network = self.student if which == "student" else self.teacher
-        return network.encoder
+    def encoder(self, which: Literal["student", "teacher"] = "student") -> nn.Module:
+        """The student's or the teacher's timm backbone (the official fine-tuning starts from the teacher)."""
+        return self._masked_encoder(which).vit
+
+    def _masked_encoder(self, which: str) -> MaskedViT:
+        if which not in ("student", "teacher"):
+            raise ValueError(f"{type(self).__name__}.encoder(which={which!r}): must be 'student' or 'teacher'")
+        return (self.student if which == "student" else self.teacher).encoder
 
     @property
     def default_export(self) -> str:
@@ -230,33 +223,38 @@ class ConMIMModule(pl.LightningModule):
         """What :func:`lightning_mim.export.to_timm` can write: the student's and the teacher's timm backbone."""
         return {
             which: EncoderSpec(enc.arch, enc.timm_kwargs, enc.vit)
-            for which, enc in (("student", self.encoder("student")), ("teacher", self.encoder("teacher")))
+            for which, enc in (
+                ("student", self._masked_encoder("student")),
+                ("teacher", self._masked_encoder("teacher")),
+            )
         }
 
     # ---------------------------------------------------------------------------------- steps
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         images = normalize(batch["images"], self.mean, self.std)
         teacher_images = normalize(batch["teacher_images"], self.mean, self.std)
-        self._mask_stream.seed_global(self.global_rank)  # dropout, drop path: resumable
-        generator = self._mask_stream.next(self.global_rank, self.device)
-        mask = self.masking(images.shape[0], device=self.device, generator=generator)  # (B, N)
-        loss = self._loss(images, teacher_images, mask)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
+        mask = self._masks.training(self, self.masking, images.shape[0])  # (B, N)
+        return self.compute_losses(images, teacher_images, mask).log(self)
 
-    def _loss(self, images: Tensor, teacher_images: Tensor, mask: Tensor) -> Tensor:
+    def compute_losses(self, images: Tensor, teacher_images: Tensor, mask: Tensor) -> LossTerms:
+        """ConMIM's loss: each masked patch's student feature must pick out its own teacher feature
+        among all patches of the image.
+
+        Args:
+            images: Normalised student view (B, 3, H, W).
+            teacher_images: Normalised teacher view of the same crop (B, 3, H, W).
+            mask: (B, N) bool, True = masked for the student.
+        """
         with torch.no_grad():
             # The official teacher stays in train mode: its BatchNorms use batch statistics.
             target = self.teacher(teacher_images)  # (B, N, d)
         prediction = self.student(images, mask)  # (B, N, d)
-        return patch_contrastive_loss(prediction, target, mask, self.temperature)
+        return LossTerms({"loss": patch_contrastive_loss(prediction, target, mask, self.temperature)})
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         images = normalize(batch["images"], self.mean, self.std)
-        # Fixed masks per batch index make val/loss comparable across epochs.
-        generator = make_generator(_MASK_STREAM, rank=self.global_rank, base=batch_idx)
-        mask = self.masking(images.shape[0], device=self.device, generator=generator)
-        self.log("val/loss", self._loss(images, images, mask), sync_dist=True)
+        mask = self._masks.validation(self, self.masking, images.shape[0], batch_idx)
+        self.log("val/loss", self.compute_losses(images, images, mask).total, sync_dist=True)
 
     def diagnostics(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         """Panels for :class:`~lightning_mim.callbacks.VisualDiagnostics`: input, mask, and the cosine
@@ -275,9 +273,8 @@ class ConMIMModule(pl.LightningModule):
 
     # --------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        write_meta(checkpoint, "conmim", module=self, mask_stream=self._mask_stream.state_dict())
+        save_method_state(checkpoint, "conmim", self, {"mask_stream": self._masks})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._mask_stream.load_state_dict(read_meta(checkpoint, "conmim")["mask_stream"])
-        self.optim = resumable_optim(self.optim, checkpoint, type(self).__name__)
-        self.hparams["optim"] = dataclasses.asdict(self.optim)
+        load_method_state(checkpoint, "conmim", {"mask_stream": self._masks})
+        self.optim = restore_optim(self, self.optim, checkpoint)

@@ -17,7 +17,6 @@ Batch keys (uint8 images): ``images`` (B, 3, H, W), ``labels`` (B,). Logged: ``t
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -33,30 +32,30 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_mim._rng import CountedStream
+from lightning_mim._rng import CountedStream, Stream
 from lightning_mim.checkpoint.weights import load_encoder
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, ClassificationViews, EvalView, normalize
-from lightning_mim.methods._validation import check_input_size, check_normalization, check_positive
+from lightning_mim.methods._parts import (
+    checked_normalization,
+    eval_views,
+    load_method_state,
+    save_method_state,
+    store_optim,
+)
+from lightning_mim.methods._validation import check_input_size, check_positive
+from lightning_mim.methods.settings import FINETUNE_OPTIM, LINEAR_OPTIM
 from lightning_mim.nn.timm_models import TimmArgs, is_token_model, timm_family
 from lightning_mim.optim import OptimConfig, configure_adamw, param_groups, peak_lr, with_schedule
 
 __all__ = ["FINETUNE_OPTIM", "LINEAR_OPTIM", "FineTuneModule", "LinearProbeModule", "load_encoder"]
 
-#: The ConMIM/BEiT ViT-B fine-tuning recipe: AdamW (0.9, 0.999), lr 4e-3 per 1024 images, wd 0.05,
-#: layer decay 0.65, 20 warmup epochs, cosine to 1e-6.
-FINETUNE_OPTIM = OptimConfig(
-    lr=4e-3,
-    base_batch_size=1024,
-    min_lr=1e-6,
-    weight_decay=0.05,
-    betas=(0.9, 0.999),
-    warmup_epochs=20,
-    layer_decay=0.65,
-)
-#: MAE's linear probe: LARS, lr 0.1 per 256 images, no weight decay, 10 warmup epochs, cosine to 0.
-LINEAR_OPTIM = OptimConfig(lr=0.1, base_batch_size=256, min_lr=0.0, weight_decay=0.0, warmup_epochs=10)
 
-_STEP_STREAM = 0x5354  # seeds the global generators at each training step ("ST")
+def _load_step_stream(checkpoint: dict[str, Any], method: str, stream: CountedStream) -> None:
+    """Restores an evaluation module's step stream (checkpoints before 0.3 kept it under another key)."""
+    if "lightning_mim.step_stream" in checkpoint:
+        stream.load_state_dict(checkpoint["lightning_mim.step_stream"])
+    elif "lightning_mim" in checkpoint:
+        load_method_state(checkpoint, method, {"step_stream": stream})
 
 
 class FineTuneModule(pl.LightningModule):
@@ -109,9 +108,9 @@ class FineTuneModule(pl.LightningModule):
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
-        self._step_stream = CountedStream(_STEP_STREAM)
+        self._step_stream = CountedStream(Stream.STEPS)
         self.save_hyperparameters(ignore=["optim"])
-        self.hparams["optim"] = dataclasses.asdict(optim)
+        self.optim = store_optim(self, optim)
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if not 0 <= label_smoothing < 1 or not 0 <= random_erasing <= 1:
@@ -124,7 +123,7 @@ class FineTuneModule(pl.LightningModule):
         if not 0 <= drop_path_rate < 1:
             raise ValueError(f"{owner}(drop_path_rate={drop_path_rate}): a drop probability must be in [0, 1)")
         check_positive(owner, image_size=image_size, eval_image_size=eval_image_size)
-        check_normalization(owner, mean, std)
+        self.mean, self.std = checked_normalization(owner, mean, std)
         if arch is not None:
             timm_family(arch, TimmArgs(owner, "arch", "model_kwargs"))
             model_kwargs = _random_vit_size(weights, arch, model_kwargs, image_size)
@@ -152,16 +151,15 @@ class FineTuneModule(pl.LightningModule):
         self.eval_image_size = eval_image_size or image_size
         self.randaugment = randaugment
         self.optimizer = optimizer
-        self.optim = optim
-        self.mean, self.std = tuple(mean), tuple(std)
         self.accuracy = _accuracy_metrics(num_classes)
+
+    _method = "finetune"
 
     def train_views(self) -> ClassificationViews:
         return ClassificationViews(self.image_size, randaugment=self.randaugment)
 
     def eval_views(self) -> EvalView:
-        size = self.eval_image_size
-        return EvalView(size=size, crop_fraction=0.875 if size >= 64 else 1.0)
+        return eval_views(self.eval_image_size)
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         if self.optimizer == "adamw":
@@ -194,11 +192,10 @@ class FineTuneModule(pl.LightningModule):
         _evaluate(self, self.model(normalize(batch["images"], self.mean, self.std)), batch["labels"])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lightning_mim.step_stream"] = self._step_stream.state_dict()
+        save_method_state(checkpoint, self._method, streams={"step_stream": self._step_stream})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "lightning_mim.step_stream" in checkpoint:
-            self._step_stream.load_state_dict(checkpoint["lightning_mim.step_stream"])
+        _load_step_stream(checkpoint, self._method, self._step_stream)
 
 
 class LinearProbeModule(pl.LightningModule):
@@ -234,16 +231,16 @@ class LinearProbeModule(pl.LightningModule):
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
-        self._step_stream = CountedStream(_STEP_STREAM)
+        self._step_stream = CountedStream(Stream.STEPS)
         self.save_hyperparameters(ignore=["optim"])
-        self.hparams["optim"] = dataclasses.asdict(optim)
+        self.optim = store_optim(self, optim)
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
         owner = type(self).__name__
         if num_classes < 2:
             raise ValueError(f"{owner}(num_classes={num_classes}): a classifier needs at least 2 classes")
         check_positive(owner, image_size=image_size)
-        check_normalization(owner, mean, std)
+        self.mean, self.std = checked_normalization(owner, mean, std)
         if arch is not None:
             timm_family(arch, TimmArgs(owner, "arch", "model_kwargs"))
             model_kwargs = _random_vit_size(weights, arch, model_kwargs, image_size)
@@ -259,9 +256,9 @@ class LinearProbeModule(pl.LightningModule):
         self.head = nn.Sequential(nn.BatchNorm1d(width, affine=False, eps=1e-6), linear)
         self.pool = pool
         self.image_size = image_size
-        self.optim = optim
-        self.mean, self.std = tuple(mean), tuple(std)
         self.accuracy = _accuracy_metrics(num_classes)
+
+    _method = "linear_probe"
 
     def train(self, mode: bool = True) -> LinearProbeModule:
         """Sets train/eval mode; the encoder stays in eval mode (frozen statistics, no dropout)."""
@@ -274,7 +271,7 @@ class LinearProbeModule(pl.LightningModule):
         return ClassificationViews(self.image_size, randaugment=None)
 
     def eval_views(self) -> EvalView:
-        return EvalView(size=self.image_size, crop_fraction=0.875 if self.image_size >= 64 else 1.0)
+        return eval_views(self.image_size)
 
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
@@ -305,11 +302,10 @@ class LinearProbeModule(pl.LightningModule):
         _evaluate(self, self.head(self.features(batch["images"]).float()), batch["labels"])
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lightning_mim.step_stream"] = self._step_stream.state_dict()
+        save_method_state(checkpoint, self._method, streams={"step_stream": self._step_stream})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "lightning_mim.step_stream" in checkpoint:
-            self._step_stream.load_state_dict(checkpoint["lightning_mim.step_stream"])
+        _load_step_stream(checkpoint, self._method, self._step_stream)
 
 
 def _accuracy_metrics(num_classes: int) -> nn.ModuleDict:

@@ -17,9 +17,7 @@ Batch keys (uint8 images, normalised on the device):
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -27,104 +25,37 @@ import torch
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 
-from lightning_mim._rng import CountedStream, make_generator
-from lightning_mim.callbacks.diagnostics import similarity_panels
-from lightning_mim.checkpoint.files import load_checkpoint, torch_load_weights
-from lightning_mim.checkpoint.meta import EncoderSpec, read_meta, write_meta
+from lightning_mim._rng import Stream
+from lightning_mim.checkpoint.meta import EncoderSpec
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView, MAEViews, normalize
 from lightning_mim.losses import info_nce, patch_contrastive_loss
 from lightning_mim.masking import MaskGenerator, RandomMasking
+from lightning_mim.methods._parts import (
+    LossTerms,
+    MaskDraws,
+    checked_normalization,
+    eval_views,
+    load_method_state,
+    restore_optim,
+    save_method_state,
+    store_optim,
+)
 from lightning_mim.methods._validation import (
     check_contrastive_batch,
     check_mask_count,
+    check_mask_grid,
     check_non_negative,
-    check_normalization,
     check_positive,
 )
-from lightning_mim.methods.moco import (
-    MOCOV3_OPTIM,
-    MoCoV3Module,
-    add_predictor_bn_statistics,
-    check_encoder_args,
-    written_heads,
-)
+from lightning_mim.methods.settings import MIMCO_MASK_RATIO, MIMCO_OPTIM
+from lightning_mim.methods.teachers import build_mimco_teacher, load_mocov3_teacher
 from lightning_mim.nn import BNProjector, MaskedViT
 from lightning_mim.nn.compile import compile_in_place
-from lightning_mim.nn.timm_models import TimmArgs, create_timm_model
-from lightning_mim.optim import OptimConfig, configure_adamw, optim_config
+from lightning_mim.nn.timm_models import TimmArgs
+from lightning_mim.optim import OptimConfig, configure_adamw
+from lightning_mim.pictures import similarity_panels
 
 __all__ = ["MIMCO_MASK_RATIO", "MIMCO_OPTIM", "MimCoModule", "load_mocov3_teacher"]
-
-#: DEFAULT (BEiT-like): lr 1.5e-3 per 2048 images, AdamW (0.9, 0.999), wd 0.05, 10 warmup epochs, cosine.
-MIMCO_OPTIM = OptimConfig(lr=1.5e-3, base_batch_size=2048, min_lr=1e-5, weight_decay=0.05, warmup_epochs=10)
-
-#: DEFAULT ratio of the paper's "simple random masking strategy": the paper ablates the ratio, and
-#: the value it settles on is not confirmed here; 0.75 is MAE's and ConMIM ViT-L's random ratio.
-MIMCO_MASK_RATIO = 0.75
-
-_MASK_STREAM = 3
-_STAGE1_HINT = (
-    "train one with stage 1 first: `lightning-mim fit --config configs/mocov3_vits.yaml` (or "
-    "configs/quickstart/mocov3.yaml) and pass its checkpoint as --model.teacher_ckpt PATH"
-)
-
-
-def load_mocov3_teacher(path: str | Path) -> MoCoV3Module:
-    """A MoCoV3Module rebuilt from a stage-1 checkpoint (``weights_only=True``), frozen, eval mode."""
-    checkpoint = load_checkpoint(path, "teacher checkpoint", _STAGE1_HINT)
-    read_meta(checkpoint, "mocov3")  # a clear error for another method's checkpoint
-    if not isinstance(checkpoint.get("hyper_parameters"), dict):
-        raise ValueError(f"teacher checkpoint {path} has no hyper_parameters to rebuild the MoCo v3 model from")
-    hparams = dict(checkpoint["hyper_parameters"])
-    optim = hparams.pop("optim", None)
-    for key in ("_instantiator", "_class_path"):
-        hparams.pop(key, None)
-    try:
-        # the heads it was trained with: weight shapes cannot tell a 6-head from a 12-head ViT-S
-        hparams["backbone_kwargs"] = {**(hparams.get("backbone_kwargs") or {}), "num_heads": written_heads(checkpoint)}
-        module = MoCoV3Module(**hparams, optim=optim_config(optim) if optim else MOCOV3_OPTIM)
-    except TypeError as err:  # arguments of another lightning-mim version
-        raise ValueError(
-            f"teacher checkpoint {path}: its hyper_parameters do not rebuild a MoCoV3Module ({err}); "
-            "was it written by another lightning-mim version?"
-        ) from err
-    check_encoder_args(checkpoint, module._encoder_spec, f"teacher checkpoint {path}")
-    add_predictor_bn_statistics(checkpoint["state_dict"], module.predictor, "predictor.")
-    try:
-        module.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as err:  # missing, unexpected or mis-shaped weights
-        raise ValueError(
-            f"teacher checkpoint {path}: its weights do not fit the MoCo v3 model of its own hyper_parameters "
-            f"({str(err).splitlines()[0]})"
-        ) from err
-    return module.requires_grad_(False).eval()
-
-
-def _load_encoder_weights(model: nn.Module, path: Path) -> None:
-    """Loads encoder weights from .safetensors or a tensor-only .pth/.pt file; classifier keys are ignored."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state: Any = load_file(str(path))
-        except Exception as err:  # safetensors raises its own SafetensorError for corrupt files
-            raise ValueError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from err
-    else:
-        state = torch_load_weights(path)
-        for wrapper in ("state_dict", "model"):
-            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-                state = state[wrapper]
-        if not isinstance(state, dict):
-            raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of teacher weights")
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"{path} does not fit the teacher architecture: {str(err).splitlines()[1:3]}") from err
-    unexpected = [k for k in unexpected if not k.startswith(("head.", "fc_norm."))]
-    if missing or unexpected:
-        raise ValueError(
-            f"{path} does not fit the teacher architecture: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
 
 
 class MimCoModule(pl.LightningModule):
@@ -198,12 +129,12 @@ class MimCoModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["masking", "optim"])
-        self.hparams["optim"] = dataclasses.asdict(optim)  # plain types: checkpoints load with weights_only
-        if patch_temperature <= 0 or image_temperature <= 0:
-            raise ValueError("patch_temperature and image_temperature must be > 0")
+        self.optim = store_optim(self, optim)
         owner = type(self).__name__
         check_positive(
             owner,
+            patch_temperature=patch_temperature,
+            image_temperature=image_temperature,
             patch_hidden_dim=patch_hidden_dim,
             proj_hidden_dim=proj_hidden_dim,
             image_proj_layers=image_proj_layers,
@@ -211,12 +142,12 @@ class MimCoModule(pl.LightningModule):
         check_non_negative(owner, image_weight=image_weight, image_pred_layers=image_pred_layers)
         if image_target not in ("projector", "cls"):
             raise ValueError(f"{owner}(image_target={image_target!r}): must be 'projector' or 'cls'")
-        check_normalization(owner, mean, std)
+        self.mean, self.std = checked_normalization(owner, mean, std)
         student_kwargs = {"init_values": 0.1, "drop_path_rate": 0.1, **(backbone_kwargs or {})}
         self.student = MaskedViT(
             backbone, mode="mask_token", names=TimmArgs(owner, "backbone", "backbone_kwargs"), **student_kwargs
         )
-        teacher, self.teacher_projector = self._build_teacher(
+        teacher, self.teacher_projector = build_mimco_teacher(
             backbone, backbone_kwargs, teacher_ckpt, teacher_arch, teacher_weights, teacher_kwargs, allow_random_teacher
         )
         self.teacher: Any = teacher  # a timm ViT: forward_features and num_features are used
@@ -236,32 +167,38 @@ class MimCoModule(pl.LightningModule):
         width, grid = self.student.embed_dim, self.student.grid_size
         if masking is None:  # DEFAULT
             masking = RandomMasking(grid, mask_ratio)
-        if (masking.height, masking.width) != grid:
-            raise ValueError(f"masking grid ({masking.height}, {masking.width}) does not match the patch grid {grid}")
+        check_mask_grid(owner, masking, grid)
         check_mask_count(owner, masking)
         self.masking = masking
-        self.patch_head = nn.Sequential(
-            nn.LayerNorm(width),
-            nn.Linear(width, patch_hidden_dim),
-            nn.GELU(),
-            nn.Linear(patch_hidden_dim, teacher_width),
-        )
-        # DEFAULT: MoCo v3's ViT heads, projector then predictor (both ending in a non-affine BatchNorm).
-        heads: list[nn.Module] = [BNProjector(width, proj_hidden_dim, target_dim, num_layers=image_proj_layers)]
-        if image_pred_layers:
-            heads.append(BNProjector(target_dim, proj_hidden_dim, target_dim, num_layers=image_pred_layers))
-        self.image_head = nn.Sequential(*heads)
+        self.patch_hidden_dim, self.proj_hidden_dim = patch_hidden_dim, proj_hidden_dim
+        self.image_proj_layers, self.image_pred_layers = image_proj_layers, image_pred_layers
+        self.patch_head = self.build_patch_head(width, teacher_width)
+        self.image_head = self.build_image_head(width, target_dim)
         self.patch_temperature = patch_temperature
         self.image_temperature = image_temperature
         self.image_weight = image_weight
         self.teacher_bf16 = teacher_bf16
-        self.optim = optim_config(optim)
         self.use_compile = compile
-        for network in (self.student,):
-            network.set_grad_checkpointing(grad_checkpointing)
-        self.mean, self.std = tuple(mean), tuple(std)
+        self.student.set_grad_checkpointing(grad_checkpointing)
         self.image_size = int(self.student.vit.patch_embed.img_size[0])
-        self._mask_stream = CountedStream(_MASK_STREAM)
+        self._masks = MaskDraws(Stream.MIMCO_MASKS)
+
+    def build_patch_head(self, in_dim: int, out_dim: int) -> nn.Module:
+        """Student patch tokens (..., in_dim) -> teacher patch features (..., out_dim): DEFAULT LayerNorm + MLP."""
+        return nn.Sequential(
+            nn.LayerNorm(in_dim),
+            nn.Linear(in_dim, self.patch_hidden_dim),
+            nn.GELU(),
+            nn.Linear(self.patch_hidden_dim, out_dim),
+        )
+
+    def build_image_head(self, in_dim: int, out_dim: int) -> nn.Module:
+        """Student CLS token (B, in_dim) -> image target (B, out_dim). DEFAULT: MoCo v3's ViT heads, projector
+        then predictor (both ending in a non-affine BatchNorm)."""
+        heads: list[nn.Module] = [BNProjector(in_dim, self.proj_hidden_dim, out_dim, num_layers=self.image_proj_layers)]
+        if self.image_pred_layers:
+            heads.append(BNProjector(out_dim, self.proj_hidden_dim, out_dim, num_layers=self.image_pred_layers))
+        return nn.Sequential(*heads)
 
     def _check_teacher_grid(self, owner: str) -> None:
         """The teacher sees the student's images and its patches pair one to one with the student's."""
@@ -282,33 +219,6 @@ class MimCoModule(pl.LightningModule):
     def _projector_out(projector: nn.Module) -> int:
         return [m for m in projector.modules() if isinstance(m, nn.Linear)][-1].out_features
 
-    @staticmethod
-    def _build_teacher(
-        backbone: str,
-        backbone_kwargs: dict[str, Any] | None,
-        teacher_ckpt: str | None,
-        teacher_arch: str | None,
-        teacher_weights: str | None,
-        teacher_kwargs: dict[str, Any] | None,
-        allow_random_teacher: bool,
-    ) -> tuple[nn.Module, nn.Module | None]:
-        if teacher_ckpt is not None:
-            stage1 = load_mocov3_teacher(teacher_ckpt)
-            return stage1.encoder, stage1.projector
-        if teacher_arch is not None:
-            if teacher_weights is None or not Path(teacher_weights).expanduser().is_file():
-                raise FileNotFoundError(f"teacher_weights must name a local weights file for {teacher_arch!r}")
-            names = TimmArgs("MimCoModule", "teacher_arch", "teacher_kwargs")
-            teacher = create_timm_model(
-                teacher_arch, names, num_classes=0, global_pool="token", **(teacher_kwargs or {})
-            )
-            _load_encoder_weights(teacher, Path(teacher_weights).expanduser())
-            return teacher.requires_grad_(False).eval(), None
-        if allow_random_teacher:
-            stage1 = MoCoV3Module(backbone, backbone_kwargs)
-            return stage1.encoder.requires_grad_(False).eval(), stage1.projector.requires_grad_(False).eval()
-        raise ValueError(f"MimCo needs a frozen contrastive teacher: no teacher_ckpt given; {_STAGE1_HINT}")
-
     # ----------------------------------------------------------------------------------- parts
     def train(self, mode: bool = True) -> MimCoModule:
         """Train mode for the student only: the teacher stays in eval mode."""
@@ -323,7 +233,7 @@ class MimCoModule(pl.LightningModule):
         return MAEViews(size=self.image_size)
 
     def eval_views(self) -> EvalView:
-        return EvalView(size=self.image_size, crop_fraction=0.875 if self.image_size >= 64 else 1.0)
+        return eval_views(self.image_size)
 
     def configure_model(self) -> None:
         if self.use_compile:
@@ -352,30 +262,32 @@ class MimCoModule(pl.LightningModule):
         image_target = self.teacher_projector(cls) if self.teacher_projector is not None else cls
         return tokens[:, prefix:], image_target
 
-    def _losses(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def compute_losses(self, images: Tensor, mask: Tensor) -> LossTerms:
+        """MimCo's terms: ``loss_patch``, each masked patch's prediction against the frozen teacher's patch
+        features of the same image, and ``loss_image``, the student's CLS embedding against the teacher's
+        image target over the global batch.
+
+        Args:
+            images: Normalised images (B, 3, H, W), the same view for student and teacher.
+            mask: (B, N) bool, True = masked for the student.
+        """
         patch_target, image_target = self._teacher_targets(images)
         tokens = self.student(images, mask)  # (B, 1 + N, D)
         patch_pred = self.patch_head(self.student.patch_tokens(tokens))  # (B, N, Dt)
         loss_patch = patch_contrastive_loss(patch_pred, patch_target, mask, self.patch_temperature)
         query = self.image_head(tokens[:, 0])  # (B, d)
         loss_image = 2 * self.image_temperature * info_nce(query, image_target, self.image_temperature)
-        return loss_patch + self.image_weight * loss_image, loss_patch, loss_image
+        return LossTerms({"loss_patch": loss_patch, "loss_image": loss_image}, {"loss_image": self.image_weight})
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         images = normalize(batch["images"], self.mean, self.std)
-        self._mask_stream.seed_global(self.global_rank)  # dropout, drop path: resumable
-        generator = self._mask_stream.next(self.global_rank, self.device)
-        mask = self.masking(images.shape[0], device=self.device, generator=generator)  # (B, N)
-        loss, loss_patch, loss_image = self._losses(images, mask)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/loss_patch", loss_patch)
-        self.log("train/loss_image", loss_image)
-        return loss
+        mask = self._masks.training(self, self.masking, images.shape[0])  # (B, N)
+        return self.compute_losses(images, mask).log(self)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         images = normalize(batch["images"], self.mean, self.std)
-        mask = self.masking(images.shape[0], device=self.device, generator=make_generator(_MASK_STREAM, base=batch_idx))
-        self.log("val/loss", self._losses(images, mask)[0], sync_dist=True)
+        mask = self._masks.validation(self, self.masking, images.shape[0], batch_idx)
+        self.log("val/loss", self.compute_losses(images, mask).total, sync_dist=True)
 
     def diagnostics(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         """Panels for :class:`~lightning_mim.callbacks.VisualDiagnostics`: input, mask, and the cosine
@@ -399,7 +311,8 @@ class MimCoModule(pl.LightningModule):
         return {"student": EncoderSpec(self.student.arch, self.student.timm_kwargs, self.student.vit)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        write_meta(checkpoint, "mimco", module=self, mask_stream=self._mask_stream.state_dict())
+        save_method_state(checkpoint, "mimco", self, {"mask_stream": self._masks})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._mask_stream.load_state_dict(read_meta(checkpoint, "mimco")["mask_stream"])
+        load_method_state(checkpoint, "mimco", {"mask_stream": self._masks})
+        self.optim = restore_optim(self, self.optim, checkpoint)

@@ -17,7 +17,6 @@ batch); ``val/psnr`` and ``val/codebook_usage`` on validation images.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -27,21 +26,17 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor
 
-from lightning_mim._rng import CountedStream
+from lightning_mim._rng import CountedStream, Stream
 from lightning_mim.checkpoint.files import load_checkpoint
-from lightning_mim.checkpoint.meta import read_meta, write_meta
+from lightning_mim.checkpoint.meta import read_meta
 from lightning_mim.data.views import EvalView, MAEViews
+from lightning_mim.methods._parts import eval_views, load_method_state, save_method_state, store_optim
 from lightning_mim.methods._validation import check_crop_scale, check_non_negative, check_positive
+from lightning_mim.methods.settings import VQ_TOKENIZER_OPTIM
 from lightning_mim.nn.tokenizer import VQTokenizer
 from lightning_mim.optim import OptimConfig, configure_adamw
 
 __all__ = ["VQ_TOKENIZER_OPTIM", "VQTokenizerModule", "load_vq_tokenizer", "psnr"]
-
-#: Chosen defaults (no official tokenizer recipe exists for CIM): AdamW lr 3e-4, no weight decay,
-#: betas (0.9, 0.99), 1 warmup epoch, cosine to 1e-5.
-VQ_TOKENIZER_OPTIM = OptimConfig(
-    lr=3e-4, base_batch_size=None, min_lr=1e-5, weight_decay=0.0, betas=(0.9, 0.99), warmup_epochs=1
-)
 
 
 def psnr(reconstruction: Tensor, images: Tensor) -> Tensor:
@@ -53,9 +48,6 @@ def psnr(reconstruction: Tensor, images: Tensor) -> Tensor:
 def _usage(ids: Tensor, vocab_size: int) -> Tensor:
     """Fraction of the vocabulary that occurs in ``ids``."""
     return (torch.bincount(ids.flatten(), minlength=vocab_size) > 0).float().mean()
-
-
-_STEP_STREAM = 0x5354  # seeds the global generators at each training step ("ST")
 
 
 class VQTokenizerModule(pl.LightningModule):
@@ -90,9 +82,9 @@ class VQTokenizerModule(pl.LightningModule):
         optim: OptimConfig = VQ_TOKENIZER_OPTIM,
     ) -> None:
         super().__init__()
-        self._step_stream = CountedStream(_STEP_STREAM)
+        self._step_stream = CountedStream(Stream.STEPS)
         self.save_hyperparameters(ignore=["optim"])
-        self.hparams["optim"] = dataclasses.asdict(optim)  # plain types: checkpoints load with weights_only
+        self.optim = store_optim(self, optim)
         owner = type(self).__name__
         check_positive(owner, image_size=image_size, downsample=downsample, code_dim=code_dim, hidden_dim=hidden_dim)
         check_non_negative(owner, num_res_blocks=num_res_blocks)
@@ -106,7 +98,6 @@ class VQTokenizerModule(pl.LightningModule):
         self.commitment = commitment
         self.image_size = image_size
         self.crop_scale = check_crop_scale(owner, crop_scale)
-        self.optim = optim
 
     def tokenizer_kwargs(self) -> dict[str, Any]:
         """The :class:`VQTokenizer` arguments, as stored in checkpoints."""
@@ -118,7 +109,7 @@ class VQTokenizerModule(pl.LightningModule):
         return MAEViews(size=self.image_size, scale=(self.crop_scale[0], self.crop_scale[1]))
 
     def eval_views(self) -> EvalView:
-        return EvalView(size=self.image_size, crop_fraction=0.875 if self.image_size >= 64 else 1.0)
+        return eval_views(self.image_size)
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         return configure_adamw(self, self.tokenizer, self.optim)
@@ -144,14 +135,12 @@ class VQTokenizerModule(pl.LightningModule):
         self.log("val/codebook_usage", _usage(ids, self.tokenizer.vocab_size), sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        write_meta(
-            checkpoint, "vq_tokenizer", tokenizer=self.tokenizer_kwargs(), step_stream=self._step_stream.state_dict()
-        )
+        streams = {"step_stream": self._step_stream}
+        save_method_state(checkpoint, "vq_tokenizer", streams=streams, tokenizer=self.tokenizer_kwargs())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = read_meta(checkpoint, "vq_tokenizer")
-        if "step_stream" in meta:  # absent from checkpoints of version 0.1
-            self._step_stream.load_state_dict(meta["step_stream"])
+        # "step_stream" is absent from checkpoints of version 0.1
+        load_method_state(checkpoint, "vq_tokenizer", {"step_stream": self._step_stream}, optional=["step_stream"])
 
 
 def load_vq_tokenizer(path: str | Path) -> VQTokenizer:

@@ -9,7 +9,6 @@ from timm.models.resnet import ResNet
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from lightning_mim.losses import unpatchify
 from lightning_mim.nn.timm_models import (
     TOKEN_MODEL_FAMILIES,
     TimmArgs,
@@ -17,6 +16,7 @@ from lightning_mim.nn.timm_models import (
     mean_pooling_kwargs,
     timm_family,
 )
+from lightning_mim.patches import unpatchify
 
 __all__ = ["Enhancer", "Objective", "timm_family"]
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, TypeVar, cast
 
 from torch import Tensor, nn
 
-__all__ = ["BNProjector", "sync_batchnorm_on_gpus"]
+__all__ = ["BNProjector"]
 
 
 class BNProjector(nn.Sequential):
@@ -56,24 +55,3 @@ class BNProjector(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         return super().forward(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)
-
-
-_M = TypeVar("_M", bound=nn.Module)
-
-
-def sync_batchnorm_on_gpus(trainer: Any, module: _M) -> _M:
-    """``module`` with its BatchNorms turned into SyncBatchNorm when training on several GPUs.
-
-    torch's SyncBatchNorm runs on GPUs only: on one device the module is returned unchanged, and a
-    multi-process run without CUDA warns that statistics stay per rank.
-    """
-    from lightning.pytorch.accelerators import CUDAAccelerator
-    from lightning.pytorch.utilities import rank_zero_warn
-
-    if trainer.world_size <= 1:
-        return module
-    if not isinstance(trainer.accelerator, CUDAAccelerator):
-        rank_zero_warn("BatchNorm statistics are not synchronised across ranks (SyncBatchNorm needs GPUs)")
-        return module
-    # Conversion swaps BatchNorm children in place and returns the same container module.
-    return cast(_M, nn.SyncBatchNorm.convert_sync_batchnorm(module))

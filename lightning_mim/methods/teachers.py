@@ -1,0 +1,184 @@
+"""MoCo v3 checkpoints: MimCo's teacher from stage 1, and reading the checkpoints of older versions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from lightning_mim.checkpoint.files import load_checkpoint
+from lightning_mim.checkpoint.meta import read_meta
+from lightning_mim.checkpoint.weights import load_weights_file
+from lightning_mim.methods.settings import MOCOV3_OPTIM, MOCOV3_VIT_HEADS
+from lightning_mim.nn.timm_models import TimmArgs, create_timm_model
+from lightning_mim.optim import optim_config
+
+if TYPE_CHECKING:
+    from lightning_mim.methods.moco import MoCoV3Module
+
+__all__ = [
+    "add_predictor_bn_statistics",
+    "build_mimco_teacher",
+    "check_encoder_args",
+    "load_mocov3_teacher",
+    "mocov3_backbone_kwargs",
+    "written_heads",
+]
+
+_STAGE1_HINT = (
+    "train one with stage 1 first: `lightning-mim fit --config configs/mocov3_vits.yaml` (or "
+    "configs/quickstart/mocov3.yaml) and pass its checkpoint as --model.teacher_ckpt PATH"
+)
+
+
+def mocov3_backbone_kwargs(backbone: str, backbone_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """timm arguments of MoCo v3's encoder: the official head count for ``vit_small_*`` unless given."""
+    kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": "token"}
+    for prefix, heads in MOCOV3_VIT_HEADS.items():
+        if backbone.startswith(prefix):
+            kwargs["num_heads"] = heads
+    return {**kwargs, **(backbone_kwargs or {})}
+
+
+def timm_heads(arch: str, args: dict[str, Any]) -> int:
+    """The number of attention heads ``timm.create_model(arch, **args)`` gives (built on the meta device)."""
+    if "num_heads" in args:
+        return int(args["num_heads"])
+    with torch.device("meta"):
+        model = create_timm_model(arch, **args)
+    return int(model.blocks[0].attn.num_heads)
+
+
+def written_heads(checkpoint: dict[str, Any]) -> int:
+    """The attention heads of the encoder in a MoCo v3 checkpoint.
+
+    Weight shapes cannot tell them apart (a 6-head and a 12-head ViT-S have the same tensors), so
+    they are read from what the checkpoint records: its encoder entry or its ``backbone_kwargs``;
+    failing both, the default of the version that wrote it: MoCo v3's for 0.2 and later (whose optim
+    hyperparameters have a ``decay_rule``), timm's before (0.1 built ``vit_small_*`` with 6 heads).
+    """
+    hparams = checkpoint.get("hyper_parameters") or {}
+    meta = checkpoint.get("lightning_mim") or {}
+    recorded = (meta.get("encoders") or {}).get("student") or {}
+    arch = str(recorded.get("arch") or hparams.get("backbone"))
+    kwargs = dict(recorded.get("model_args") or hparams.get("backbone_kwargs") or {})
+    if "num_heads" not in kwargs and "decay_rule" in (hparams.get("optim") or {}):
+        kwargs = mocov3_backbone_kwargs(arch, kwargs)
+    kwargs.pop("num_classes", None)
+    return timm_heads(arch, kwargs)
+
+
+def check_encoder_args(checkpoint: dict[str, Any], spec: tuple[str, dict[str, Any]], owner: str) -> None:
+    """Refuses a checkpoint whose encoder was built with other timm arguments than this module's.
+
+    The recorded ``timm.create_model`` arguments (when the checkpoint has them) must equal the
+    module's, and the head count as written (:func:`written_heads`) the module's.
+    """
+    from lightning_mim.checkpoint.meta import model_args
+
+    arch, kwargs = spec
+    built = model_args(kwargs)
+    built["num_heads"] = timm_heads(arch, built)
+    recorded = ((checkpoint.get("lightning_mim") or {}).get("encoders") or {}).get("student") or {}
+    written = dict(recorded.get("model_args", built) or {})
+    written["num_heads"] = written_heads(checkpoint)
+    written_arch = recorded.get("arch", arch)
+    if (written_arch, written) == (arch, built):
+        return
+    differ = sorted(k for k in {*written, *built} if written.get(k) != built.get(k))
+    hint = (
+        f" (pass --model.backbone_kwargs '{{num_heads: {written['num_heads']}}}' to load it)"
+        if differ == ["num_heads"]
+        else ""
+    )
+    raise ValueError(
+        f"{owner}: the checkpoint's encoder is {written_arch}({written}), this module builds "
+        f"{arch}({built}); they differ in {differ}{hint}"
+    )
+
+
+def add_predictor_bn_statistics(state_dict: dict[str, Any], predictor: nn.Module, prefix: str) -> None:
+    """Completes a lightning-mim 0.1 state dict, whose MoCo v3 predictor had no final BatchNorm.
+
+    The final BatchNorm is non-affine, so only its running statistics are missing; they are added
+    as identity statistics (mean 0, variance 1) with a warning: the weights load, and in training
+    the BatchNorm normalises with batch statistics as the official predictor does.
+    """
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    expected = {f"{prefix}{name}": buffer for name, buffer in predictor.named_buffers()}
+    missing = [name for name in expected if name not in state_dict]
+    if not missing:
+        return
+    rank_zero_warn(
+        "this MoCo v3 checkpoint (lightning-mim 0.1) has a predictor without MoCo v3's final BatchNorm; "
+        "it was added with identity running statistics, so the predictor's outputs now follow the official design"
+    )
+    for name in missing:
+        state_dict[name] = (
+            torch.zeros_like(expected[name])
+            if "mean" in name or "num_batches" in name
+            else torch.ones_like(expected[name])
+        )
+
+
+def load_mocov3_teacher(path: str | Path) -> MoCoV3Module:
+    """A MoCoV3Module rebuilt from a stage-1 checkpoint (``weights_only=True``), frozen, eval mode."""
+    from lightning_mim.methods.moco import MoCoV3Module
+
+    checkpoint = load_checkpoint(path, "teacher checkpoint", _STAGE1_HINT)
+    read_meta(checkpoint, "mocov3")  # a clear error for another method's checkpoint
+    if not isinstance(checkpoint.get("hyper_parameters"), dict):
+        raise ValueError(f"teacher checkpoint {path} has no hyper_parameters to rebuild the MoCo v3 model from")
+    hparams = dict(checkpoint["hyper_parameters"])
+    optim = hparams.pop("optim", None)
+    for key in ("_instantiator", "_class_path"):
+        hparams.pop(key, None)
+    try:
+        # the heads it was trained with: weight shapes cannot tell a 6-head from a 12-head ViT-S
+        hparams["backbone_kwargs"] = {**(hparams.get("backbone_kwargs") or {}), "num_heads": written_heads(checkpoint)}
+        module = MoCoV3Module(**hparams, optim=optim_config(optim) if optim else MOCOV3_OPTIM)
+    except TypeError as err:  # arguments of another lightning-mim version
+        raise ValueError(
+            f"teacher checkpoint {path}: its hyper_parameters do not rebuild a MoCoV3Module ({err}); "
+            "was it written by another lightning-mim version?"
+        ) from err
+    check_encoder_args(checkpoint, module._encoder_spec, f"teacher checkpoint {path}")
+    add_predictor_bn_statistics(checkpoint["state_dict"], module.predictor, "predictor.")
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as err:  # missing, unexpected or mis-shaped weights
+        raise ValueError(
+            f"teacher checkpoint {path}: its weights do not fit the MoCo v3 model of its own hyper_parameters "
+            f"({str(err).splitlines()[0]})"
+        ) from err
+    return module.requires_grad_(False).eval()
+
+
+def build_mimco_teacher(
+    backbone: str,
+    backbone_kwargs: dict[str, Any] | None,
+    teacher_ckpt: str | None,
+    teacher_arch: str | None,
+    teacher_weights: str | None,
+    teacher_kwargs: dict[str, Any] | None,
+    allow_random_teacher: bool,
+) -> tuple[nn.Module, nn.Module | None]:
+    if teacher_ckpt is not None:
+        stage1 = load_mocov3_teacher(teacher_ckpt)
+        return stage1.encoder(), stage1.projector
+    if teacher_arch is not None:
+        if teacher_weights is None or not Path(teacher_weights).expanduser().is_file():
+            raise FileNotFoundError(f"teacher_weights must name a local weights file for {teacher_arch!r}")
+        names = TimmArgs("MimCoModule", "teacher_arch", "teacher_kwargs")
+        teacher = create_timm_model(teacher_arch, names, num_classes=0, global_pool="token", **(teacher_kwargs or {}))
+        load_weights_file(teacher, Path(teacher_weights).expanduser(), ignore=("head.", "fc_norm."))
+        return teacher.requires_grad_(False).eval(), None
+    if allow_random_teacher:
+        from lightning_mim.methods.moco import MoCoV3Module
+
+        stage1 = MoCoV3Module(backbone, backbone_kwargs)
+        return stage1.encoder().requires_grad_(False).eval(), stage1.projector.requires_grad_(False).eval()
+    raise ValueError(f"MimCo needs a frozen contrastive teacher: no teacher_ckpt given; {_STAGE1_HINT}")
