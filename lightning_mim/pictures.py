@@ -12,7 +12,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["heatmap", "mask_overlay", "similarity_panels", "to_unit_range", "unnormalize"]
+from lightning_mim.data.views import normalize
+from lightning_mim.patches import patchify, unpatchify
+
+__all__ = [
+    "cim_panels",
+    "heatmap",
+    "mask_overlay",
+    "reconstruction_panels",
+    "similarity_panels",
+    "to_unit_range",
+    "unnormalize",
+]
 
 
 def unnormalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
@@ -66,3 +77,80 @@ def similarity_panels(
         "mask": mask_overlay(pixels, mask, grid),
         "similarity": heatmap((similarity + 1) / 2, grid, size),
     }
+
+
+def reconstruction_panels(
+    images: Tensor,
+    mask: Tensor,
+    pred: Tensor,
+    patch_size: int,
+    grid: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    norm_pix: bool,
+) -> dict[str, Tensor]:
+    """Input, mask overlay, and an MAE-style reconstruction: visible patches as given, masked ones predicted.
+
+    Args:
+        images: uint8 (B, 3, H, W).
+        mask: Bool (B, N), True = hidden from the encoder.
+        pred: Predicted pixels of every patch (B, N, P*P*3), of the normalised image.
+        patch_size: P.
+        grid: Patch grid (h, w).
+        mean: Normalisation mean of the images.
+        std: Normalisation std.
+        norm_pix: The prediction targets were normalised per patch: map the prediction back with each
+            target patch's own mean and variance, as MAE shows it.
+    """
+    pixels = images.float() / 255.0
+    target = patchify(normalize(images, mean, std), patch_size)  # (B, N, P*P*3)
+    pred = pred.float()
+    if norm_pix:
+        mu, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        pred = pred * (var + 1e-6).sqrt() + mu
+    reconstruction = unpatchify(torch.where(mask.unsqueeze(-1), pred, target), patch_size, grid)
+    return {
+        "input": pixels,
+        "mask": mask_overlay(pixels, mask, grid),
+        "reconstruction": unnormalize(reconstruction, mean, std),
+    }
+
+
+def cim_panels(
+    images: Tensor,
+    mask: Tensor,
+    outputs: dict[str, Tensor],
+    target: Tensor,
+    grid: tuple[int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    objective: str,
+) -> dict[str, Tensor]:
+    """Input, mask, the corrupted image, and the enhancer's output: ResPix, its prediction next to the
+    window-normalised ``target`` (each min-max scaled); RevDet, the predicted replacement probability
+    per token next to the true replacements (blue = original, red = replaced).
+
+    Args:
+        images: uint8 (B, 3, H, W).
+        mask: Bool (B, N) over the token grid.
+        outputs: CIM's ``compute_losses(...).outputs`` (``corrupted_images``, ``output``, ``replaced``).
+        target: The ResPix target (B, 3, H, W).
+        grid: Token grid (h, w).
+        mean: Normalisation mean of the images.
+        std: Normalisation std.
+        objective: ``"respix"`` or ``"revdet"``.
+    """
+    pixels = images.float() / 255.0
+    size = (pixels.shape[-2], pixels.shape[-1])
+    panels = {
+        "input": pixels,
+        "mask": mask_overlay(pixels, mask, grid),
+        "corrupted": unnormalize(outputs["corrupted_images"], mean, std),
+    }
+    if objective == "respix":
+        panels["respix"] = to_unit_range(outputs["output"])
+        panels["target"] = to_unit_range(target)
+    else:
+        panels["revdet"] = heatmap(torch.sigmoid(outputs["output"].float()), grid, size)
+        panels["replaced"] = heatmap(outputs["replaced"].float(), grid, size)
+    return panels

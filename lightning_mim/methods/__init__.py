@@ -8,7 +8,8 @@ if TYPE_CHECKING:
     from lightning_mim.methods.cim import CIMModule
     from lightning_mim.methods.cmae import CMAEModule
     from lightning_mim.methods.conmim import ConMIMModule
-    from lightning_mim.methods.finetune import FineTuneModule, LinearProbeModule
+    from lightning_mim.methods.finetune import FineTuneModule
+    from lightning_mim.methods.linear_probe import LinearProbeModule
     from lightning_mim.methods.mimco import MimCoModule
     from lightning_mim.methods.moco import MoCoV3Module
     from lightning_mim.methods.tokenizer import VQTokenizerModule
@@ -18,7 +19,7 @@ _EXPORTS = {
     "CMAEModule": "lightning_mim.methods.cmae",
     "ConMIMModule": "lightning_mim.methods.conmim",
     "FineTuneModule": "lightning_mim.methods.finetune",
-    "LinearProbeModule": "lightning_mim.methods.finetune",
+    "LinearProbeModule": "lightning_mim.methods.linear_probe",
     "MimCoModule": "lightning_mim.methods.mimco",
     "MoCoV3Module": "lightning_mim.methods.moco",
     "VQTokenizerModule": "lightning_mim.methods.tokenizer",

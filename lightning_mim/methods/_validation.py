@@ -21,6 +21,7 @@ __all__ = [
     "check_non_negative",
     "check_normalization",
     "check_positive",
+    "check_visible_masking",
 ]
 
 
@@ -138,3 +139,15 @@ def check_mask_grid(owner: str, masking: MaskGenerator, grid: tuple[int, int], w
             f"{owner}(masking={masking!r}): its grid ({masking.height}, {masking.width}) does not match the "
             f"{what} {tuple(grid)}; build the generator for that grid"
         )
+
+
+def check_visible_masking(owner: str, masking: MaskGenerator, grid: tuple[int, int]) -> None:
+    """A generator for an encoder that drops the masked patches (MAE, CMAE): on ``grid``, the same count
+    in every image, at least one patch masked and one visible."""
+    check_mask_grid(owner, masking, grid)
+    if not masking.fixed_count:
+        raise ValueError(
+            f"{owner}(masking={masking!r}): masks a varying number of patches; the encoder drops the masked "
+            "ones and needs the same count in every image"
+        )
+    check_mask_count(owner, masking, needs_visible=True)

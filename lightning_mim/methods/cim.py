@@ -20,7 +20,6 @@ optional, unused. The tokenizer's input (the same crop at ``grid * downsample`` 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -45,62 +44,16 @@ from lightning_mim.methods._parts import (
 )
 from lightning_mim.methods._validation import check_mask_count, check_mask_grid, check_non_negative, check_positive
 from lightning_mim.methods.settings import CIM_OPTIM
-from lightning_mim.methods.tokenizer import load_vq_tokenizer
-from lightning_mim.nn import MaskedViT
+from lightning_mim.methods.tokenizer import frozen_tokenizer
 from lightning_mim.nn.compile import compile_in_place
 from lightning_mim.nn.enhancer import Enhancer, Objective
+from lightning_mim.nn.generator import TokenGenerator, sample_tokens
 from lightning_mim.nn.timm_models import TimmArgs, timm_family
-from lightning_mim.nn.tokenizer import ImageTokenizer, VQTokenizer
+from lightning_mim.nn.tokenizer import ImageTokenizer
 from lightning_mim.optim import OptimConfig, configure_adamw
-from lightning_mim.pictures import heatmap, mask_overlay, to_unit_range, unnormalize
+from lightning_mim.pictures import cim_panels
 
 __all__ = ["CIM_OPTIM", "CIMModule", "sample_tokens"]
-
-
-_NO_TOKENIZER = (
-    "CIM needs a frozen tokenizer: pass tokenizer_ckpt (a VQTokenizerModule checkpoint, e.g. from "
-    "`lightning-mim fit --config configs/quickstart/vq_tokenizer.yaml`), a tokenizer object (e.g. "
-    "lightning_mim.nn.DALLETokenizer), or allow_random_tokenizer=True for smoke runs"
-)
-
-
-def sample_tokens(
-    logits: Tensor, ids: Tensor, mask: Tensor, temperature: float, generator: torch.Generator | None = None
-) -> Tensor:
-    """Token map with masked positions replaced by samples from ``softmax(logits / temperature)``.
-
-    Args:
-        logits: Generator outputs (B, N, V); not differentiated.
-        ids: Original token ids (B, N).
-        mask: Bool (B, N), True where a sample replaces the original.
-        temperature: Sampling temperature (> 0).
-        generator: Random stream for the samples.
-
-    Returns:
-        Corrupted ids (B, N), long. A sample may equal the original id.
-    """
-    with torch.no_grad():
-        # Inverse-CDF sampling: one uniform number per token instead of one per vocabulary entry.
-        cdf = torch.softmax(logits.detach().float() / temperature, dim=-1).cumsum(dim=-1)  # (B, N, V)
-        u = torch.rand(ids.shape, generator=generator, device=cdf.device).unsqueeze(-1) * cdf[..., -1:]
-        samples = torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
-        return torch.where(mask, samples, ids)
-
-
-class _Generator(nn.Module):
-    """BEiT with mask tokens and a LayerNorm + Linear(D, V) head: token logits (B, N, V)."""
-
-    def __init__(self, arch: str, vocab_size: int, names: TimmArgs | None = None, **timm_kwargs: Any) -> None:
-        super().__init__()
-        self.encoder = MaskedViT(arch, mode="mask_token", names=names, **timm_kwargs)
-        width = self.encoder.embed_dim
-        logits = nn.Linear(width, vocab_size)
-        nn.init.trunc_normal_(logits.weight, std=0.02)  # BEiT's head init: near-uniform logits at start
-        nn.init.zeros_(logits.bias)
-        self.head = nn.Sequential(nn.LayerNorm(width), logits)
-
-    def forward(self, images: Tensor, mask: Tensor) -> Tensor:
-        return self.head(self.encoder.patch_tokens(self.encoder(images, mask)))
 
 
 class CIMModule(pl.LightningModule):
@@ -174,7 +127,7 @@ class CIMModule(pl.LightningModule):
         if timm_family(enhancer, enhancer_names) != "timm.models.resnet":
             kwargs.setdefault("drop_path_rate", 0.1)
             kwargs.setdefault("init_values", 0.1)
-        self.tokenizer = self._build_tokenizer(tokenizer_ckpt, tokenizer, allow_random_tokenizer)
+        self.tokenizer = frozen_tokenizer(tokenizer_ckpt, tokenizer, allow_random_tokenizer)
         self.enhancer = Enhancer(enhancer, objective, image_size, names=enhancer_names, **kwargs)
         self.image_size = self.enhancer.image_size
         grid = self.enhancer.grid_size
@@ -187,13 +140,13 @@ class CIMModule(pl.LightningModule):
             "patch_size": self.image_size // grid[0],
             **(generator_kwargs or {}),
         }
-        self.generator = _Generator(
+        self.generator = TokenGenerator(
             generator, self.tokenizer.vocab_size, TimmArgs(owner, "generator", "generator_kwargs"), **gen_kwargs
         )
         if self.generator.encoder.grid_size != grid:
             raise ValueError(
-                f"the generator's patch grid {self.generator.encoder.grid_size} does not match the enhancer's "
-                f"token grid {grid}; set generator_kwargs.patch_size"
+                f"{owner}(generator_kwargs): the generator's patch grid {self.generator.encoder.grid_size} does not "
+                f"match the enhancer's token grid {grid}; set generator_kwargs.patch_size"
             )
         self.tokenizer_size = grid[0] * self.tokenizer.downsample
         self.masking = (
@@ -213,26 +166,10 @@ class CIMModule(pl.LightningModule):
         self.window = window
         self.clip_grad_norm = clip_grad_norm
         self.use_compile = compile
-        for network in (
-            self.enhancer.backbone,
-            self.generator.encoder,
-        ):
+        for network in (self.enhancer.backbone, self.generator.encoder):
             network.set_grad_checkpointing(grad_checkpointing)
         self._masks = MaskDraws(Stream.CIM_MASKS)
         self._sample_stream = CountedStream(Stream.CIM_SAMPLES)
-
-    @staticmethod
-    def _build_tokenizer(path: str | None, tokenizer: ImageTokenizer | None, allow_random: bool) -> ImageTokenizer:
-        if path is not None and tokenizer is not None:
-            raise ValueError("pass either tokenizer_ckpt or tokenizer, not both")
-        if tokenizer is None:
-            if path is not None:
-                tokenizer = load_vq_tokenizer(Path(path))
-            elif allow_random:
-                tokenizer = VQTokenizer()
-            else:
-                raise ValueError(_NO_TOKENIZER)
-        return tokenizer.requires_grad_(False).eval()
 
     # ----------------------------------------------------------------------------------- parts
     def train(self, mode: bool = True) -> CIMModule:
@@ -342,26 +279,11 @@ class CIMModule(pl.LightningModule):
             self.log(f"val/{key}", value, sync_dist=True)
 
     def diagnostics(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        """Panels for :class:`~lightning_mim.callbacks.VisualDiagnostics`: input, mask, the corrupted
-        image, and the enhancer's output — ResPix: its prediction next to the window-normalised
-        target (each min-max scaled); RevDet: the predicted replacement probability per token next
-        to the true replacements (blue = original, red = replaced)."""
+        """Panels for VisualDiagnostics: see :func:`~lightning_mim.pictures.cim_panels`."""
         mask = self.masking(images.shape[0], device=self.device, generator=generator)
-        terms = self.compute_losses(images, mask, generator).outputs
-        pixels = images.float() / 255.0
-        grid, size = self.enhancer.grid_size, (pixels.shape[-2], pixels.shape[-1])
-        panels = {
-            "input": pixels,
-            "mask": mask_overlay(pixels, mask, grid),
-            "corrupted": unnormalize(terms["corrupted_images"], self.mean, self.std),
-        }
-        if self.objective == "respix":
-            panels["respix"] = to_unit_range(terms["output"])
-            panels["target"] = to_unit_range(window_normalize(normalize(images, self.mean, self.std), self.window))
-        else:
-            panels["revdet"] = heatmap(torch.sigmoid(terms["output"].float()), grid, size)
-            panels["replaced"] = heatmap(terms["replaced"].float(), grid, size)
-        return panels
+        outputs = self.compute_losses(images, mask, generator).outputs
+        target = window_normalize(normalize(images, self.mean, self.std), self.window)
+        return cim_panels(images, mask, outputs, target, self.enhancer.grid_size, self.mean, self.std, self.objective)
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:
@@ -369,11 +291,8 @@ class CIMModule(pl.LightningModule):
         return self.enhancer.pooled(normalize(images, self.mean, self.std))
 
     # --------------------------------------------------------------------------- checkpoints
-    def _streams(self) -> dict[str, MaskDraws | CountedStream]:
-        return {"mask_stream": self._masks, "sample_stream": self._sample_stream}
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        save_method_state(checkpoint, "cim", self, self._streams())
+        save_method_state(checkpoint, "cim", self, {"mask_stream": self._masks, "sample_stream": self._sample_stream})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        load_method_state(checkpoint, "cim", self._streams())
+        load_method_state(checkpoint, "cim", {"mask_stream": self._masks, "sample_stream": self._sample_stream})

@@ -34,7 +34,7 @@ from lightning_mim.callbacks.ema import EMATeacher
 from lightning_mim.checkpoint.meta import EncoderSpec
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, CMAEViews, EvalView, MAEViews, normalize
 from lightning_mim.losses import info_nce, masked_patch_mse
-from lightning_mim.masking import GridMasking, MaskGenerator
+from lightning_mim.masking import MaskGenerator
 from lightning_mim.methods._parts import (
     LossTerms,
     MaskDraws,
@@ -48,36 +48,22 @@ from lightning_mim.methods._parts import (
 )
 from lightning_mim.methods._validation import (
     check_contrastive_batch,
-    check_mask_count,
-    check_mask_grid,
     check_momenta,
     check_non_negative,
     check_positive,
+    check_visible_masking,
 )
-from lightning_mim.methods.settings import CMAE_DECAY_RULE, CMAE_OPTIM, MAE_DECAY_RULE, MAE_OPTIM
+from lightning_mim.methods.settings import CMAE_DECAY_RULE, CMAE_OPTIM, MAE_DECAY_RULE, MAE_OPTIM, default_cmae_masking
 from lightning_mim.nn import BNProjector, MAEDecoder, MaskedViT, freeze_sincos_pos_embed
 from lightning_mim.nn.compile import compile_in_place
+from lightning_mim.nn.heads import DecodedImageHead
 from lightning_mim.nn.init import init_mae_vit_
 from lightning_mim.nn.timm_models import TimmArgs
 from lightning_mim.optim import OptimConfig, configure_adamw
-from lightning_mim.patches import patchify, unpatchify
-from lightning_mim.pictures import mask_overlay, unnormalize
+from lightning_mim.patches import patchify
+from lightning_mim.pictures import reconstruction_panels
 
 __all__ = ["CMAE_DECAY_RULE", "CMAE_OPTIM", "MAE_DECAY_RULE", "MAE_OPTIM", "CMAEModule"]
-
-
-class _OnlineHeads(nn.Module):
-    """Feature decoder -> mean over positions -> projector -> predictor."""
-
-    def __init__(self, feature_decoder: nn.Module, projector: nn.Module, predictor: nn.Module) -> None:
-        super().__init__()
-        self.feature_decoder = feature_decoder
-        self.projector = projector
-        self.predictor = predictor
-
-    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
-        features = self.feature_decoder(tokens, mask).mean(dim=1)  # (B, D)
-        return self.predictor(self.projector(features))  # (B, proj_dim)
 
 
 class CMAEModule(pl.LightningModule):
@@ -148,19 +134,13 @@ class CMAEModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["masking", "optim"])
         self.optim = store_optim(self, optim)
         owner = type(self).__name__
-        check_positive(owner, temperature=temperature)
+        check_positive(owner, temperature=temperature, decoder_dim=decoder_dim, decoder_heads=decoder_heads)
+        check_positive(owner, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim)
         check_non_negative(owner, reconstruction_weight=reconstruction_weight, contrastive_weight=contrastive_weight)
         if reconstruction_weight == 0 and contrastive_weight == 0:
             raise ValueError(
                 f"{owner}(reconstruction_weight=0, contrastive_weight=0): the loss would be 0; give one a weight > 0"
             )
-        check_positive(
-            owner,
-            decoder_dim=decoder_dim,
-            decoder_heads=decoder_heads,
-            proj_hidden_dim=proj_hidden_dim,
-            proj_dim=proj_dim,
-        )
         if decoder_dim % decoder_heads:
             raise ValueError(
                 f"{owner}(decoder_dim={decoder_dim}, decoder_heads={decoder_heads}): the decoder width must be "
@@ -179,19 +159,8 @@ class CMAEModule(pl.LightningModule):
             raise ValueError(f"{backbone!r} has no absolute position embedding to fix to sin-cos")
         freeze_sincos_pos_embed(vit.pos_embed, self.encoder.grid_size)
         grid, width = self.encoder.grid_size, self.encoder.embed_dim
-        if masking is None and (grid[0] % 2 or grid[1] % 2):
-            raise ValueError(
-                f"{owner}(backbone_kwargs): the default masking (2x2-patch cells) needs an even patch grid, got "
-                f"{grid}; pass another masking generator (e.g. RandomMasking) or change img_size / patch_size"
-            )
-        self.masking = masking if masking is not None else GridMasking(grid, cell_size=2, mask_ratio=0.65)
-        check_mask_grid(owner, self.masking, grid)
-        if not self.masking.fixed_count:
-            raise ValueError(
-                f"{owner}(masking={self.masking!r}): masks a varying number of patches; the encoder drops the "
-                "masked ones and needs the same count in every image"
-            )
-        check_mask_count(owner, self.masking, needs_visible=True)  # the encoder sees the visible patches only
+        self.masking = masking if masking is not None else default_cmae_masking(owner, grid)
+        check_visible_masking(owner, self.masking, grid)  # the encoder sees the visible patches only
         self.num_visible = self.masking.num_patches - self.masking.num_masking_patches
         self.patch_size = int(vit.patch_embed.patch_size[0])
         self.image_size = int(vit.patch_embed.img_size[0])
@@ -205,7 +174,7 @@ class CMAEModule(pl.LightningModule):
             # both branches (official ViT-B/16: 768 = 16 * 16 * 3, the same layer).
             feature_decoder = self.build_decoder(feature_decoder_depth, width)
             projector = self.build_projector(width)
-            self.online_heads = _OnlineHeads(feature_decoder, projector, self.build_predictor(proj_dim))
+            self.online_heads = DecodedImageHead(feature_decoder, projector, self.build_predictor(proj_dim))
             self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
             self.target_encoder.vit.norm = nn.Identity()  # the target branch has no final norm
             self.target_projector = copy.deepcopy(self.online_heads.projector).requires_grad_(False)
@@ -236,10 +205,13 @@ class CMAEModule(pl.LightningModule):
 
     def build_projector(self, in_dim: int) -> nn.Module:
         """The projector of both branches (the target branch gets a copy): CMAE's 2-layer BatchNorm MLP."""
-        return BNProjector(in_dim, self.proj_hidden_dim, self.proj_dim, 2, last_bn=False, hidden_bias=True, bn_eps=1e-6)
+        return self._bn_mlp(in_dim)
 
     def build_predictor(self, in_dim: int) -> nn.Module:
         """The online branch's predictor: the projector's design."""
+        return self._bn_mlp(in_dim)
+
+    def _bn_mlp(self, in_dim: int) -> nn.Module:
         return BNProjector(in_dim, self.proj_hidden_dim, self.proj_dim, 2, last_bn=False, hidden_bias=True, bn_eps=1e-6)
 
     # ----------------------------------------------------------------------------------- parts
@@ -337,19 +309,9 @@ class CMAEModule(pl.LightningModule):
         prediction is mapped back with each target patch's own mean and variance, as MAE shows it)."""
         x = normalize(images, self.mean, self.std)
         mask = self.masking(x.shape[0], device=self.device, generator=generator)
-        pred = self.pixel_decoder(self.encoder(x, mask, num_visible=self.num_visible), mask).float()  # (B, N, P*P*3)
-        target = patchify(x, self.patch_size)  # (B, N, P*P*3)
-        if self.norm_pix:
-            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-            pred = pred * (var + 1e-6).sqrt() + mean
-        patches = torch.where(mask.unsqueeze(-1), pred, target)
-        reconstruction = unpatchify(patches, self.patch_size, self.encoder.grid_size)
-        pixels = images.float() / 255.0
-        return {
-            "input": pixels,
-            "mask": mask_overlay(pixels, mask, self.encoder.grid_size),
-            "reconstruction": unnormalize(reconstruction, self.mean, self.std),
-        }
+        pred = self.pixel_decoder(self.encoder(x, mask, num_visible=self.num_visible), mask)  # (B, N, P*P*3)
+        grid = self.encoder.grid_size
+        return reconstruction_panels(images, mask, pred, self.patch_size, grid, self.mean, self.std, self.norm_pix)
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:

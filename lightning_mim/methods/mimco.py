@@ -48,7 +48,12 @@ from lightning_mim.methods._validation import (
     check_positive,
 )
 from lightning_mim.methods.settings import MIMCO_MASK_RATIO, MIMCO_OPTIM
-from lightning_mim.methods.teachers import build_mimco_teacher, load_mocov3_teacher
+from lightning_mim.methods.teachers import (
+    build_mimco_teacher,
+    check_teacher_grid,
+    load_mocov3_teacher,
+    projector_out_dim,
+)
 from lightning_mim.nn import BNProjector, MaskedViT
 from lightning_mim.nn.compile import compile_in_place
 from lightning_mim.nn.timm_models import TimmArgs
@@ -131,14 +136,9 @@ class MimCoModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["masking", "optim"])
         self.optim = store_optim(self, optim)
         owner = type(self).__name__
-        check_positive(
-            owner,
-            patch_temperature=patch_temperature,
-            image_temperature=image_temperature,
-            patch_hidden_dim=patch_hidden_dim,
-            proj_hidden_dim=proj_hidden_dim,
-            image_proj_layers=image_proj_layers,
-        )
+        check_positive(owner, patch_temperature=patch_temperature, image_temperature=image_temperature)
+        check_positive(owner, patch_hidden_dim=patch_hidden_dim, proj_hidden_dim=proj_hidden_dim)
+        check_positive(owner, image_proj_layers=image_proj_layers)
         check_non_negative(owner, image_weight=image_weight, image_pred_layers=image_pred_layers)
         if image_target not in ("projector", "cls"):
             raise ValueError(f"{owner}(image_target={image_target!r}): must be 'projector' or 'cls'")
@@ -151,7 +151,7 @@ class MimCoModule(pl.LightningModule):
             backbone, backbone_kwargs, teacher_ckpt, teacher_arch, teacher_weights, teacher_kwargs, allow_random_teacher
         )
         self.teacher: Any = teacher  # a timm ViT: forward_features and num_features are used
-        self._check_teacher_grid(owner)
+        check_teacher_grid(owner, self.teacher, self.student)
         teacher_width = int(teacher.num_features)  # type: ignore[arg-type]
         if image_target == "projector" and self.teacher_projector is None:
             raise ValueError(
@@ -161,15 +161,11 @@ class MimCoModule(pl.LightningModule):
         if image_target == "cls":
             self.teacher_projector = None
         self.image_target = image_target
-        target_dim = (
-            teacher_width if self.teacher_projector is None else int(self._projector_out(self.teacher_projector))
-        )
+        target_dim = teacher_width if self.teacher_projector is None else projector_out_dim(self.teacher_projector)
         width, grid = self.student.embed_dim, self.student.grid_size
-        if masking is None:  # DEFAULT
-            masking = RandomMasking(grid, mask_ratio)
-        check_mask_grid(owner, masking, grid)
-        check_mask_count(owner, masking)
-        self.masking = masking
+        self.masking = RandomMasking(grid, mask_ratio) if masking is None else masking  # DEFAULT: random
+        check_mask_grid(owner, self.masking, grid)
+        check_mask_count(owner, self.masking)
         self.patch_hidden_dim, self.proj_hidden_dim = patch_hidden_dim, proj_hidden_dim
         self.image_proj_layers, self.image_pred_layers = image_proj_layers, image_pred_layers
         self.patch_head = self.build_patch_head(width, teacher_width)
@@ -185,12 +181,8 @@ class MimCoModule(pl.LightningModule):
 
     def build_patch_head(self, in_dim: int, out_dim: int) -> nn.Module:
         """Student patch tokens (..., in_dim) -> teacher patch features (..., out_dim): DEFAULT LayerNorm + MLP."""
-        return nn.Sequential(
-            nn.LayerNorm(in_dim),
-            nn.Linear(in_dim, self.patch_hidden_dim),
-            nn.GELU(),
-            nn.Linear(self.patch_hidden_dim, out_dim),
-        )
+        hidden = self.patch_hidden_dim
+        return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
 
     def build_image_head(self, in_dim: int, out_dim: int) -> nn.Module:
         """Student CLS token (B, in_dim) -> image target (B, out_dim). DEFAULT: MoCo v3's ViT heads, projector
@@ -200,25 +192,6 @@ class MimCoModule(pl.LightningModule):
             heads.append(BNProjector(out_dim, self.proj_hidden_dim, out_dim, num_layers=self.image_pred_layers))
         return nn.Sequential(*heads)
 
-    def _check_teacher_grid(self, owner: str) -> None:
-        """The teacher sees the student's images and its patches pair one to one with the student's."""
-        patch_embed = getattr(self.teacher, "patch_embed", None)
-        grid = tuple(int(g) for g in getattr(patch_embed, "grid_size", ()))
-        size = tuple(int(s) for s in getattr(patch_embed, "img_size", ()))
-        student_embed = self.student.vit.patch_embed
-        student_size = (int(student_embed.img_size[0]), int(student_embed.img_size[1]))
-        if grid != self.student.grid_size or size != student_size:
-            raise ValueError(
-                f"{owner}: the teacher's patch grid {grid or 'none (not a ViT)'} at {size or '?'} px does not match "
-                f"the student's {self.student.grid_size} at {student_size} px; the patch-level loss pairs student "
-                "and teacher patches one to one, so build the student (backbone, backbone_kwargs img_size / "
-                "patch_size) like the teacher"
-            )
-
-    @staticmethod
-    def _projector_out(projector: nn.Module) -> int:
-        return [m for m in projector.modules() if isinstance(m, nn.Linear)][-1].out_features
-
     # ----------------------------------------------------------------------------------- parts
     def train(self, mode: bool = True) -> MimCoModule:
         """Train mode for the student only: the teacher stays in eval mode."""
@@ -227,6 +200,12 @@ class MimCoModule(pl.LightningModule):
         if self.teacher_projector is not None:
             self.teacher_projector.eval()
         return self
+
+    def encoder(self, which: Literal["student"] = "student") -> nn.Module:
+        """The student's timm backbone (the teacher is stage 1's MoCo v3 encoder, frozen)."""
+        if which != "student":
+            raise ValueError(f"{type(self).__name__}.encoder(which={which!r}): MimCo trains one encoder, 'student'")
+        return self.student.vit
 
     def train_views(self) -> MAEViews:
         """DEFAULT view: random resized crop (scale (0.2, 1)) + flip, shared by student and teacher."""
@@ -240,10 +219,8 @@ class MimCoModule(pl.LightningModule):
             compile_in_place(self.student, self.teacher)
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
-        trainable = nn.ModuleDict(
-            {"student": self.student, "patch_head": self.patch_head, "image_head": self.image_head}
-        )
-        return configure_adamw(self, trainable, self.optim)
+        parts = {"student": self.student, "patch_head": self.patch_head, "image_head": self.image_head}
+        return configure_adamw(self, nn.ModuleDict(parts), self.optim)
 
     def on_train_start(self) -> None:
         if self.image_weight > 0:  # the per-device batch is known only once the loader is built

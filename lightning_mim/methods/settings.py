@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from lightning_mim.masking import GridMasking
 from lightning_mim.optim import DECAY_ALL, OptimConfig, WeightDecayRule
 
 # ---- conmim
@@ -66,6 +67,17 @@ MAE_DECAY_RULE = WeightDecayRule(one_dim=True, bias=True, module_hooks=False)
 
 #: MAE's recipe, for ``CMAEModule(contrastive_weight=0)``: as ``CMAE_OPTIM`` but with ``MAE_DECAY_RULE``.
 MAE_OPTIM = dataclasses.replace(CMAE_OPTIM, decay_rule=MAE_DECAY_RULE)
+
+
+def default_cmae_masking(owner: str, grid: tuple[int, int]) -> GridMasking:
+    """CMAE's masking: 2x2-patch cells at ratio 0.65 (an even patch grid needed)."""
+    if grid[0] % 2 or grid[1] % 2:
+        raise ValueError(
+            f"{owner}(backbone_kwargs): the default masking (2x2-patch cells) needs an even patch grid, got "
+            f"{grid}; pass another masking generator (e.g. RandomMasking) or change img_size / patch_size"
+        )
+    return GridMasking(grid, cell_size=2, mask_ratio=0.65)
+
 
 # ---- moco
 

@@ -22,8 +22,10 @@ __all__ = [
     "add_predictor_bn_statistics",
     "build_mimco_teacher",
     "check_encoder_args",
+    "check_teacher_grid",
     "load_mocov3_teacher",
     "mocov3_backbone_kwargs",
+    "projector_out_dim",
     "written_heads",
 ]
 
@@ -182,3 +184,30 @@ def build_mimco_teacher(
         stage1 = MoCoV3Module(backbone, backbone_kwargs)
         return stage1.encoder().requires_grad_(False).eval(), stage1.projector.requires_grad_(False).eval()
     raise ValueError(f"MimCo needs a frozen contrastive teacher: no teacher_ckpt given; {_STAGE1_HINT}")
+
+
+def check_teacher_grid(owner: str, teacher: Any, student: Any) -> None:
+    """MimCo's teacher sees the student's images and its patches pair one to one with the student's.
+
+    Args:
+        owner: The module, for the message.
+        teacher: The frozen timm teacher.
+        student: The student's :class:`~lightning_mim.nn.MaskedViT`.
+    """
+    patch_embed = getattr(teacher, "patch_embed", None)
+    grid = tuple(int(g) for g in getattr(patch_embed, "grid_size", ()))
+    size = tuple(int(s) for s in getattr(patch_embed, "img_size", ()))
+    student_embed = student.vit.patch_embed
+    student_size = (int(student_embed.img_size[0]), int(student_embed.img_size[1]))
+    if grid != student.grid_size or size != student_size:
+        raise ValueError(
+            f"{owner}: the teacher's patch grid {grid or 'none (not a ViT)'} at {size or '?'} px does not match "
+            f"the student's {student.grid_size} at {student_size} px; the patch-level loss pairs student "
+            "and teacher patches one to one, so build the student (backbone, backbone_kwargs img_size / "
+            "patch_size) like the teacher"
+        )
+
+
+def projector_out_dim(projector: nn.Module) -> int:
+    """The output width of a projector: that of its last Linear layer."""
+    return int([m for m in projector.modules() if isinstance(m, nn.Linear)][-1].out_features)

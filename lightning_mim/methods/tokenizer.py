@@ -33,10 +33,10 @@ from lightning_mim.data.views import EvalView, MAEViews
 from lightning_mim.methods._parts import eval_views, load_method_state, save_method_state, store_optim
 from lightning_mim.methods._validation import check_crop_scale, check_non_negative, check_positive
 from lightning_mim.methods.settings import VQ_TOKENIZER_OPTIM
-from lightning_mim.nn.tokenizer import VQTokenizer
+from lightning_mim.nn.tokenizer import ImageTokenizer, VQTokenizer
 from lightning_mim.optim import OptimConfig, configure_adamw
 
-__all__ = ["VQ_TOKENIZER_OPTIM", "VQTokenizerModule", "load_vq_tokenizer", "psnr"]
+__all__ = ["VQ_TOKENIZER_OPTIM", "VQTokenizerModule", "frozen_tokenizer", "load_vq_tokenizer", "psnr"]
 
 
 def psnr(reconstruction: Tensor, images: Tensor) -> Tensor:
@@ -152,4 +152,29 @@ def load_vq_tokenizer(path: str | Path) -> VQTokenizer:
     prefix = "tokenizer."
     state = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     tokenizer.load_state_dict(state)
+    return tokenizer.requires_grad_(False).eval()
+
+
+_NO_TOKENIZER = (
+    "CIM needs a frozen tokenizer: pass tokenizer_ckpt (a VQTokenizerModule checkpoint, e.g. from "
+    "`lightning-mim fit --config configs/quickstart/vq_tokenizer.yaml`), a tokenizer object (e.g. "
+    "lightning_mim.nn.DALLETokenizer), or allow_random_tokenizer=True for smoke runs"
+)
+
+
+def frozen_tokenizer(path: str | None, tokenizer: ImageTokenizer | None, allow_random: bool) -> ImageTokenizer:
+    """CIM's frozen tokenizer (eval mode, no gradients): from a stage-0 checkpoint, a given object, or random.
+
+    Raises:
+        ValueError: Both or neither given (and random not allowed).
+    """
+    if path is not None and tokenizer is not None:
+        raise ValueError("pass either tokenizer_ckpt or tokenizer, not both")
+    if tokenizer is None:
+        if path is not None:
+            tokenizer = load_vq_tokenizer(Path(path))
+        elif allow_random:
+            tokenizer = VQTokenizer()
+        else:
+            raise ValueError(_NO_TOKENIZER)
     return tokenizer.requires_grad_(False).eval()

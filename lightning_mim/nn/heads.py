@@ -6,7 +6,7 @@ import itertools
 
 from torch import Tensor, nn
 
-__all__ = ["BNProjector"]
+__all__ = ["BNProjector", "DecodedImageHead"]
 
 
 class BNProjector(nn.Sequential):
@@ -55,3 +55,20 @@ class BNProjector(nn.Sequential):
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         return super().forward(x.reshape(-1, x.shape[-1])).reshape(*lead, -1)
+
+
+class DecodedImageHead(nn.Module):
+    """CMAE's online head: feature decoder -> mean over positions -> projector -> predictor.
+
+    Visible tokens (B, P + N_visible, D) and the mask (B, N) -> an image embedding (B, out).
+    """
+
+    def __init__(self, feature_decoder: nn.Module, projector: nn.Module, predictor: nn.Module) -> None:
+        super().__init__()
+        self.feature_decoder = feature_decoder
+        self.projector = projector
+        self.predictor = predictor
+
+    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        features = self.feature_decoder(tokens, mask).mean(dim=1)  # (B, D)
+        return self.predictor(self.projector(features))  # (B, proj_dim)
