@@ -9,14 +9,13 @@ from typing import Any
 
 from lightning_mim.data.datamodule import ImageNetDataModule, SampleDataModule, load_sample
 from lightning_mim.data.folder import ImageFolderDataset, TensorImageDataset, decode_rgb, decode_rgb_bytes
+from lightning_mim.data.kernels import ColorJitter, GaussianBlur
 from lightning_mim.data.sampling import ResumableSampler
 from lightning_mim.data.views import (
     ClassificationViews,
     CMAEViews,
-    ColorJitter,
     ConMIMViews,
     EvalView,
-    GaussianBlur,
     MAEViews,
     TwoCropViews,
     normalize,
