@@ -277,7 +277,7 @@ def main(args: ArgsType = None) -> None:
         export_main([str(a) for a in argv[1:]])
         return
     if isinstance(argv, list) and argv[:1] == ["prepare-data"]:
-        from lightning_mim.data.streaming import prepare_data_main  # needs litdata (the `streaming` extra)
+        from lightning_mim.data.prepare_cli import prepare_data_main  # needs litdata (the `streaming` extra)
 
         prepare_data_main([str(a) for a in argv[1:]])
         return

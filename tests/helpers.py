@@ -1,14 +1,41 @@
-"""Shared test helpers: tiny models and trainers."""
+"""Shared test helpers: tiny models and trainers, a folder of sample images."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from lightning_mim.data.datamodule import SAMPLE_FILE
+
 TINY_BEIT: dict[str, Any] = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
+FOLDER_TRAIN, FOLDER_VAL = 200, 50  # images per split of write_sample_folder
+
+
+def write_sample_folder(root: Path) -> dict[str, list[tuple[Path, int]]]:
+    """Sample JPEGs, their stored bytes unchanged, as ``root/{train,val}/<class>/<n>.jpg``; (path, label) per split.
+
+    ``FOLDER_TRAIN`` training images in 10 classes (plus one broken file, ``train/airplane/broken.jpg``)
+    and ``FOLDER_VAL`` validation images, 32 px.
+    """
+    payload = torch.load(SAMPLE_FILE, weights_only=True)
+    written: dict[str, list[tuple[Path, int]]] = {}
+    for split, source, count in (("train", "train", FOLDER_TRAIN), ("val", "test", FOLDER_VAL)):
+        data, offsets, labels = payload[f"{source}_bytes"], payload[f"{source}_offsets"], payload[f"{source}_labels"]
+        written[split] = []
+        for i in range(count):
+            j = i * len(labels) // count  # evenly spaced: the file is sorted by class
+            label = int(labels[j])
+            folder = root / split / payload["classes"][label]
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{j:05d}.jpg"
+            path.write_bytes(data[int(offsets[j]) : int(offsets[j + 1])].numpy().tobytes())
+            written[split].append((path, label))
+    (root / "train" / "airplane" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    return written
 
 
 class CrashAt(pl.Callback):

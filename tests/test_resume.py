@@ -233,8 +233,7 @@ def test_resume_after_a_stop_at_an_epoch_boundary(source: str, workers: int, tmp
     (it ran only epoch 1's last batch: Lightning carried the finished epoch's batch count over)."""
     from lightning_mim.data import ImageNetDataModule
 
-    from .helpers import fit_stopping_at_epoch_end
-    from .test_streaming import _write_sample_folder
+    from .helpers import fit_stopping_at_epoch_end, write_sample_folder
 
     def data() -> pl.LightningDataModule:
         if source == "sample":
@@ -242,7 +241,7 @@ def test_resume_after_a_stop_at_an_epoch_boundary(source: str, workers: int, tmp
         return ImageNetDataModule(tmp_path / "images", batch_size=64, num_workers=workers)  # 200 images: 3 steps
 
     if source == "folder":
-        _write_sample_folder(tmp_path / "images")
+        write_sample_folder(tmp_path / "images")
     reference, trainer = fit_stopping_at_epoch_end(data(), tmp_path / "a", stop=False)
     assert trainer.global_step == 6
     _, stopped = fit_stopping_at_epoch_end(data(), tmp_path / "b", stop=True)

@@ -1,12 +1,12 @@
-"""Streaming data: prepare-data writes litdata chunks; StreamingDataModule shards, shuffles and resumes them.
+"""Streaming data: StreamingDataModule shards, shuffles and resumes the chunks prepare-data wrote.
 
-A local folder stands in for the bucket. The images are bundled sample JPEGs (32 px), written as an
-ImageFolder: 200 training images in 10 classes (plus one broken file) and 50 validation images.
+A local folder stands in for the bucket. The chunks are the ``prepared`` fixture's (tests/conftest.py):
+tests.helpers.write_sample_folder's bundled sample JPEGs (32 px), 200 training images in 10 classes
+(plus one broken file) and 50 validation images, written by ``lightning-mim prepare-data``.
 """
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -25,83 +25,10 @@ pytest.importorskip("litdata")
 import litdata
 
 from lightning_mim.callbacks import OnlineKNN
-from lightning_mim.data import StreamingDataModule, prepare_streaming_data
-from lightning_mim.data.datamodule import SAMPLE_FILE
-from tests.helpers import CrashAt, cpu_trainer, tiny_method
+from lightning_mim.data import StreamingDataModule
+from tests.helpers import FOLDER_TRAIN, FOLDER_VAL, CrashAt, cpu_trainer, tiny_method
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN, VAL = 200, 50
-
-
-def _write_sample_folder(root: Path) -> dict[str, list[tuple[Path, int]]]:
-    """Sample JPEGs, their stored bytes unchanged, as ``root/{train,val}/<class>/<n>.jpg``; (path, label) per split."""
-    payload = torch.load(SAMPLE_FILE, weights_only=True)
-    written: dict[str, list[tuple[Path, int]]] = {}
-    for split, source, count in (("train", "train", TRAIN), ("val", "test", VAL)):
-        data, offsets, labels = payload[f"{source}_bytes"], payload[f"{source}_offsets"], payload[f"{source}_labels"]
-        written[split] = []
-        for i in range(count):
-            j = i * len(labels) // count  # evenly spaced: the file is sorted by class
-            label = int(labels[j])
-            folder = root / split / payload["classes"][label]
-            folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"{j:05d}.jpg"
-            path.write_bytes(data[int(offsets[j]) : int(offsets[j + 1])].numpy().tobytes())
-            written[split].append((path, label))
-    (root / "train" / "airplane" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    return written
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
-    """(source folder, chunks folder, prepare-data's stdout): the CLI run once for the whole module."""
-    tmp = tmp_path_factory.mktemp("streaming")
-    _write_sample_folder(tmp / "src")
-    cmd = [sys.executable, "-m", "lightning_mim", "prepare-data", str(tmp / "src"), str(tmp / "dst")]
-    result = subprocess.run(
-        [*cmd, "--chunk-bytes", "20KB", "--num-workers", "2"], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "skipping unreadable image" in result.stderr and "broken.jpg" in result.stderr
-    return tmp / "src", tmp / "dst", result.stdout
-
-
-def test_prepare_data_writes_encoded_bytes_labels_and_ids(prepared: tuple[Path, Path, str]) -> None:
-    src, dst, stdout = prepared
-    assert "train: 200 images (1 unreadable skipped, 10 classes)" in stdout
-    assert "val: 50 images (0 unreadable skipped, 10 classes)" in stdout
-    assert f"--data.init_args.input_dir {dst}" in stdout
-    chunks = json.loads((dst / "train" / "index.json").read_text())["chunks"]
-    assert len(chunks) > 5 and sum(c["chunk_size"] for c in chunks) == TRAIN  # ~20 KB chunks of ~1 KB JPEGs
-
-    # the raw items: the file's bytes as they are, the sorted class index, the position in the scan
-    raw = litdata.StreamingDataset(str(dst / "train"))
-    items = [raw[i] for i in range(len(raw))]
-    files = sorted(p for p in (src / "train").rglob("*.jpg") if p.name != "broken.jpg")
-    classes = sorted(d.name for d in (src / "train").iterdir())
-    scan = sorted([*files, src / "train" / "airplane" / "broken.jpg"], key=lambda p: (p.parent.name, p.name))
-    by_id = {item["id"]: item for item in items}
-    assert sorted(by_id) == [i for i, p in enumerate(scan) if p.name != "broken.jpg"]
-    for index, path in enumerate(scan):
-        if path.name != "broken.jpg":
-            assert bytes(by_id[index]["image"]) == path.read_bytes()
-            assert by_id[index]["label"] == classes.index(path.parent.name)
-
-
-def test_prepare_data_flat_folder_has_no_labels_and_no_val(tmp_path: Path) -> None:
-    _write_sample_folder(tmp_path / "src")
-    flat = tmp_path / "src" / "train" / "bird"  # images directly in the folder
-    summary = prepare_streaming_data(flat, str(tmp_path / "dst"), num_workers=1)
-    assert list(summary) == ["train"] and summary["train"].images == 20 and summary["train"].classes == 0
-    data = StreamingDataModule(str(tmp_path / "dst"), batch_size=4, num_workers=0, train_views=_crop, eval_views=_crop)
-    data.setup("fit")
-    assert data.val_set is None and data.knn_datasets() is None
-    assert {int(batch["labels"].unique()) for batch in data.train_dataloader()} == {-1}
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no images"):
-        prepare_streaming_data(tmp_path / "empty", str(tmp_path / "dst_empty"))
-    with pytest.raises(FileNotFoundError, match="image folder not found"):
-        prepare_streaming_data(tmp_path / "missing", str(tmp_path / "dst2"))
 
 
 def _crop(image: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -135,7 +62,7 @@ def test_every_image_once_per_epoch_across_2_ranks_x_2_workers(prepared: tuple[P
         assert [len(batches) for batches in ranks] == [10, 10]  # 200 images: 20 batches of 10, half per rank
         assert all(len(batch) == 10 for batch in ids)
         flat = [i for batch in ids for i in batch]
-        assert sorted(flat) == sorted(set(flat)) and len(flat) == TRAIN  # each image exactly once
+        assert sorted(flat) == sorted(set(flat)) and len(flat) == FOLDER_TRAIN  # each image exactly once
         orders.append(flat)
     assert orders[0] != orders[1]  # a new order every epoch ...
     classes = [len(set(batch["labels"].tolist())) for batches in run[0] for batch in batches]
@@ -260,7 +187,7 @@ def test_method_trains_validates_and_monitors_knn(prepared: tuple[Path, Path, st
     trainer.fit(module, data)
     assert trainer.global_step == 3 and torch.isfinite(trainer.callback_metrics["train/loss"])
     bank, queries = data.knn_datasets()  # type: ignore[misc]
-    assert (len(bank), len(queries)) == (TRAIN, VAL)  # type: ignore[arg-type]
+    assert (len(bank), len(queries)) == (FOLDER_TRAIN, FOLDER_VAL)  # type: ignore[arg-type]
     assert [step for step, _ in knn.history] == [0, 3] and 0.0 <= knn.history[-1][1] <= 100.0
 
 

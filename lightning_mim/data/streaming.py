@@ -4,14 +4,13 @@
     lightning-mim fit --config configs/conmim_vitb.yaml \\
         --data.class_path lightning_mim.data.StreamingDataModule --data.init_args.input_dir /data/imagenet-chunks
 
-:func:`prepare_streaming_data` (``lightning-mim prepare-data``) checks that every image decodes and
-writes it with `litdata <https://github.com/Lightning-AI/litData>`_'s ``optimize`` as
-``{"image": <the file's encoded bytes, unchanged>, "label": int, "id": int}``: no decoded arrays,
-so the chunks are about as large as the JPEGs. :class:`StreamingDataModule` streams them through
-litdata's ``StreamingDataset`` / ``StreamingDataLoader`` from a local folder or an object-store URL
-(``s3://``, ``gs://``, ``azure://``, ...) and gives the method the same batches as
-:class:`~lightning_mim.data.ImageNetDataModule`: uint8 views from ``pl_module.train_views()`` plus
-``labels`` (and ``ids``).
+:func:`prepare_streaming_data` (``lightning-mim prepare-data``; :mod:`lightning_mim.data.writer`)
+writes every image that decodes as ``{"image": <the file's encoded bytes>, "label": int, "id": int}``
+with `litdata <https://github.com/Lightning-AI/litData>`_'s ``optimize``. :class:`StreamingDataModule`
+(this module) streams them through litdata's ``StreamingDataset`` / ``StreamingDataLoader`` from a
+local folder or an object-store URL (``s3://``, ``gs://``, ``azure://``, ...) and gives the method
+the same batches as :class:`~lightning_mim.data.ImageNetDataModule`: uint8 views from
+``pl_module.train_views()`` plus ``labels`` (and ``ids``).
 
 Order, sharding and resume are litdata's: each epoch permutes the chunks and the items inside each
 chunk from (seed, epoch), deals them to ranks and then workers in whole batches, and the loader's
@@ -24,14 +23,7 @@ Needs the ``streaming`` extra: ``pip install "lightning-mim[streaming]"``.
 
 from __future__ import annotations
 
-import argparse
-import multiprocessing
-import os
-import sys
-import time
-import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,252 +34,24 @@ from typing_extensions import override
 
 try:
     import litdata
-    from litdata.processing.utilities import read_index_file_content
-    from litdata.streaming.resolver import _resolve_dir
     from litdata.utilities.env import _DistributedEnv
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError('lightning_mim.data.streaming needs litdata: pip install "lightning-mim[streaming]"') from err
 
 from lightning_mim._rng import mix_seed, stream_seed
 from lightning_mim.data.datamodule import _ViewsDataModule, watch_epoch_boundary
-from lightning_mim.data.folder import IMAGE_EXTENSIONS, _scan, _where, decode_rgb_bytes
+from lightning_mim.data.folder import _where, decode_rgb_bytes
 from lightning_mim.data.sampling import _VIEW_STREAM, apply_seeded
+from lightning_mim.data.writer import PreparedSplit, _join, prepare_streaming_data
 
 __all__ = [
-    "PreparedSplit",
+    "PreparedSplit",  # the writer's names (lightning_mim.data.writer) stay importable from here
     "StreamingDataModule",
     "StreamingImageDataset",
     "prepare_streaming_data",
 ]
 
 ViewFn = Callable[[Tensor], dict[str, Tensor]]
-
-
-# ---------------------------------------------------------------------------------------------------
-# prepare-data: image folder -> chunks
-
-
-@dataclass(frozen=True)
-class PreparedSplit:
-    """What :func:`prepare_streaming_data` wrote for one split.
-
-    Attributes:
-        source: The image folder read.
-        output: Where the chunks are (a folder or a URL).
-        images: Images written.
-        skipped: Files with an image ending that did not decode (named in warnings), not written.
-        classes: Class sub-folders (labels 0..classes-1; images outside them have label -1).
-        nbytes: Size of the chunks in bytes.
-        chunks: Number of chunk files.
-        seconds: Wall time of the split.
-    """
-
-    source: str
-    output: str
-    images: int
-    skipped: int
-    classes: int
-    nbytes: int
-    chunks: int
-    seconds: float
-
-
-def _encode(item: tuple[str, int, int]) -> dict[str, Any] | None:
-    """The sample litdata writes for ``(path, label, id)``: the file's bytes, once they decode; None skips it."""
-    path, label, index = item
-    try:
-        data = Path(path).read_bytes()
-        decode_rgb_bytes(data)
-    except Exception as err:  # noqa: BLE001 - any decoder failure means "skip this file"
-        warnings.warn(f"skipping unreadable image {path}: {err}", RuntimeWarning, stacklevel=2)
-        return None
-    return {"image": data, "label": label, "id": index}
-
-
-def _join(base: str, name: str) -> str:
-    """``base/name`` for a folder or an object-store URL."""
-    return f"{base.rstrip('/')}/{name}" if "://" in base else os.path.join(base, name)
-
-
-def prepare_streaming_data(
-    src: str | Path,
-    dst: str,
-    train_dir: str = "train",
-    val_dir: str = "val",
-    num_workers: int | None = None,
-    chunk_bytes: int | str = "64MB",
-    overwrite: bool = False,
-    shuffle: bool = True,
-    extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
-    storage_options: dict[str, Any] | None = None,
-    verbose: bool = False,
-) -> dict[str, PreparedSplit]:
-    """Writes the images under ``src`` as litdata chunks under ``dst/train`` (and ``dst/val``).
-
-    The layout is :class:`~lightning_mim.data.ImageNetDataModule`'s: when ``src/<train_dir>`` is a
-    folder, it becomes ``dst/train`` and ``src/<val_dir>`` (if present) ``dst/val``; otherwise ``src``
-    itself is the training set. Inside a split, images in class sub-folders get the sorted class
-    index as label and images directly in the folder -1, and each image's ``id`` is its position in
-    that scan (:class:`~lightning_mim.data.ImageFolderDataset`'s order). The images are written in
-    a fixed random order: litdata shuffles chunks and the items inside each chunk, and a batch comes
-    from one or two chunks, so chunks written in scan order would make every batch nearly one class.
-    Every file is decoded once to check it; files that do not decode are named in a warning, counted
-    and left out.
-
-    Args:
-        src: Image folder (ImageFolder layout or a flat folder of images).
-        dst: Output folder or object-store URL (``s3://bucket/prefix``; credentials as for litdata).
-        train_dir: Training sub-folder of ``src``.
-        val_dir: Validation sub-folder of ``src`` (skipped if absent).
-        num_workers: Writer processes (default: one per CPU core).
-        chunk_bytes: Target chunk size, bytes or a string such as ``"64MB"`` (litdata's default; a few
-            hundred ImageNet JPEGs per chunk).
-        overwrite: Replace chunks already at the output (otherwise that is an error).
-        shuffle: Write the images in a random order (seed 0); off: scan order.
-        extensions: File endings counted as images (case-insensitive).
-        storage_options: Object-store options passed to litdata (endpoint, credentials).
-        verbose: Let litdata print its progress.
-
-    Returns:
-        The summary of each split written, by split name (``"train"``, ``"val"``).
-
-    Raises:
-        FileNotFoundError: ``src`` is not a folder.
-        ValueError: A split has no image files, or none of them decodes.
-    """
-    src = Path(src).expanduser()
-    if not src.is_dir():
-        raise FileNotFoundError(f"image folder not found: {_where(src)}")
-    splits = {"train": src}
-    if (src / train_dir).is_dir():
-        splits["train"] = src / train_dir
-        if (src / val_dir).is_dir():
-            splits["val"] = src / val_dir
-    dst = dst if "://" in dst else str(Path(dst).expanduser())
-    if isinstance(chunk_bytes, str) and chunk_bytes.isdigit():
-        chunk_bytes = int(chunk_bytes)
-    summary = {}
-    start_method = multiprocessing.get_start_method(allow_none=True)
-    try:
-        for name, folder in splits.items():
-            summary[name] = _prepare_split(
-                folder,
-                _join(dst, name),
-                num_workers,
-                chunk_bytes,
-                overwrite,
-                shuffle,
-                extensions,
-                storage_options,
-                verbose,
-            )
-    finally:  # litdata sets the global start method (spawn); the caller's DataLoaders keep theirs
-        multiprocessing.set_start_method(start_method, force=True)
-    return summary
-
-
-def _prepare_split(
-    folder: Path,
-    output: str,
-    num_workers: int | None,
-    chunk_bytes: int | str,
-    overwrite: bool,
-    shuffle: bool,
-    extensions: tuple[str, ...],
-    storage_options: dict[str, Any] | None,
-    verbose: bool,
-) -> PreparedSplit:
-    classes, samples = _scan(folder, extensions)
-    if not samples:
-        raise ValueError(f"no images ({', '.join(extensions)}) found under {_where(folder)}")
-    start = time.perf_counter()
-    inputs = [(path, label, index) for index, (path, label) in enumerate(samples)]
-    if shuffle:
-        order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(0)).tolist()
-        inputs = [inputs[i] for i in order]
-    litdata.optimize(
-        fn=_encode,
-        inputs=inputs,
-        output_dir=output,
-        chunk_bytes=chunk_bytes,
-        num_workers=min(num_workers or os.cpu_count() or 1, len(samples)),
-        mode="overwrite" if overwrite else None,
-        storage_options=storage_options or {},
-        verbose=verbose,
-        # fork: no re-import in each writer, and callers need no ``if __name__ == "__main__"`` guard
-        start_method="fork" if sys.platform == "linux" else None,
-    )
-    index = read_index_file_content(_resolve_dir(output), storage_options or {})
-    if index is None:
-        raise RuntimeError(f"litdata wrote no index.json to {output} (see the errors above)")
-    chunks = index["chunks"]
-    written = sum(int(chunk["chunk_size"]) for chunk in chunks)
-    if written == 0:
-        raise ValueError(
-            f"no readable image under {_where(folder)}: tried all {len(samples)} image files and none decodes"
-        )
-    return PreparedSplit(
-        source=str(folder),
-        output=output,
-        images=written,
-        skipped=len(samples) - written,
-        classes=len(classes),
-        nbytes=sum(int(chunk["chunk_bytes"]) for chunk in chunks),
-        chunks=len(chunks),
-        seconds=time.perf_counter() - start,
-    )
-
-
-def prepare_data_main(argv: Sequence[str]) -> None:
-    """``lightning-mim prepare-data SRC DST``: an image folder as litdata chunks, with a summary."""
-    parser = argparse.ArgumentParser(
-        prog="lightning-mim prepare-data",
-        description=(
-            "Write an image folder (ImageFolder layout, labels optional) as litdata chunks for "
-            "lightning_mim.data.StreamingDataModule: SRC/train and SRC/val become DST/train and DST/val; "
-            "a folder without them becomes DST/train. Images are stored as their encoded bytes."
-        ),
-    )
-    parser.add_argument("src", help="image folder")
-    parser.add_argument("dst", help="output folder or object-store URL (s3://bucket/prefix, gs://..., ...)")
-    parser.add_argument("--train-dir", default="train", help="training sub-folder of SRC (default: train)")
-    parser.add_argument("--val-dir", default="val", help="validation sub-folder of SRC (default: val)")
-    parser.add_argument("--num-workers", type=int, default=None, help="writer processes (default: CPU cores)")
-    parser.add_argument("--chunk-bytes", default="64MB", help="target chunk size (default: 64MB)")
-    parser.add_argument("--overwrite", action="store_true", help="replace chunks already at DST")
-    parser.add_argument(
-        "--scan-order", action="store_true", help="write the images in folder order (default: a fixed random order)"
-    )
-    parser.add_argument("--verbose", action="store_true", help="show litdata's progress")
-    options = parser.parse_args(list(argv))
-    try:
-        summary = prepare_streaming_data(
-            options.src,
-            options.dst,
-            train_dir=options.train_dir,
-            val_dir=options.val_dir,
-            num_workers=options.num_workers,
-            chunk_bytes=options.chunk_bytes,
-            overwrite=options.overwrite,
-            shuffle=not options.scan_order,
-            verbose=options.verbose,
-        )
-    except (FileNotFoundError, ValueError) as err:
-        parser.exit(2, f"lightning-mim prepare-data: error: {err}\n")
-    for name, split in summary.items():
-        labels = f"{split.classes} classes" if split.classes else "no labels"
-        print(
-            f"{name}: {split.images} images ({split.skipped} unreadable skipped, {labels}) from {split.source} "
-            f"-> {split.output}: {split.chunks} chunks, {split.nbytes / 1e6:.1f} MB, {split.seconds:.1f} s"
-        )
-    print(
-        "stream it with: lightning-mim fit --config CONFIG --data.class_path "
-        f"lightning_mim.data.StreamingDataModule --data.init_args.input_dir {options.dst}"
-    )
-
-
-# ---------------------------------------------------------------------------------------------------
-# streaming
 
 
 class StreamingImageDataset(litdata.StreamingDataset):
