@@ -35,7 +35,6 @@ from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-import lightning_mim.data  # noqa: F401 - its data modules, for short names
 from lightning_mim.callbacks import (  # noqa: F401 - imported so that short names (OnlineKNN) resolve
     EMATeacher,
     MaskingCallback,
@@ -46,6 +45,7 @@ from lightning_mim.callbacks import (  # noqa: F401 - imported so that short nam
     VisualDiagnostics,
 )
 from lightning_mim.checkpoint.io import AtomicCheckpointIO
+from lightning_mim.data import ImageNetDataModule, SampleDataModule  # noqa: F401 - short names resolve
 from lightning_mim.methods import (  # noqa: F401 - imported so that short names (ConMIMModule) resolve
     CIMModule,
     CMAEModule,

@@ -141,7 +141,7 @@ def test_mae_mode_builds_no_target_branch() -> None:
 
 
 def test_invalid_configurations() -> None:
-    with pytest.raises(ValueError, match="fixed count"):
+    with pytest.raises(ValueError, match=r"masks a varying number of patches; the encoder drops the masked ones"):
         tiny(masking=BlockMasking(8, 20, 4))
     with pytest.raises(ValueError, match="does not match"):
         tiny(masking=GridMasking(14, 2, 0.65))

@@ -26,7 +26,6 @@ from lightning_mim._rng import Stream, mix_seed, stream_seed
 
 __all__ = ["ResumableSampler", "apply_seeded", "split_key"]
 
-_VIEW_STREAM = Stream.VIEWS
 T = TypeVar("T")
 
 
@@ -95,5 +94,5 @@ class ResumableSampler(DistributedSampler):
         if self._resume_epoch == self.epoch:
             indices = indices[self._skip :]
             self._resume_epoch, self._skip = None, 0
-        base = stream_seed(_VIEW_STREAM, base=self.seed)
+        base = stream_seed(Stream.VIEWS, base=self.seed)
         return iter([(index, mix_seed(base, self.epoch, index)) for index in indices])

@@ -38,10 +38,10 @@ try:
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError('lightning_mim.data.streaming needs litdata: pip install "lightning-mim[streaming]"') from err
 
-from lightning_mim._rng import mix_seed, stream_seed
+from lightning_mim._rng import Stream, mix_seed, stream_seed
 from lightning_mim.data.datamodule import _ViewsDataModule, watch_epoch_boundary
 from lightning_mim.data.folder import _where, decode_rgb_bytes
-from lightning_mim.data.sampling import _VIEW_STREAM, apply_seeded
+from lightning_mim.data.sampling import apply_seeded
 from lightning_mim.data.writer import PreparedSplit, _join, prepare_streaming_data
 
 __all__ = [
@@ -121,7 +121,7 @@ class StreamingImageDataset(litdata.StreamingDataset):
             self.distributed_env = _DistributedEnv(world_size=world_size, global_rank=rank, num_nodes=num_nodes)
         self.set_drop_last(drop_last)
         self.views = views
-        self._view_base = stream_seed(_VIEW_STREAM, base=seed)
+        self._view_base = stream_seed(Stream.VIEWS, base=seed)
 
     def with_transform(self, views: ViewFn) -> StreamingImageDataset:
         """The same chunks and settings under other views."""
