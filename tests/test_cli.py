@@ -59,7 +59,7 @@ def test_config_parses_and_instantiates(config: Path, tmp_path: Path) -> None:
         assert cli.model.optim.decay_rule == official_rules[family]  # the official code's rule
         assert cli.model.hparams["init"] == "official"
     if config.name == "mocov3_vits.yaml":
-        assert cli.model.encoder.blocks[0].attn.num_heads == 12  # MoCo v3's ViT-S, not timm's 6 heads
+        assert cli.model.encoder().blocks[0].attn.num_heads == 12  # MoCo v3's ViT-S, not timm's 6 heads
     if config in RECIPES:
         assert cli.trainer.precision == "bf16-mixed"
         if config.name != "vq_tokenizer.yaml":  # CIM's stage 0 stands in for the dVAE: no published number

@@ -76,7 +76,7 @@ def test_sincos_position_embedding_values() -> None:
 def test_default_structure_is_the_official_one() -> None:
     module = CMAEModule(decoder_depth=1, feature_decoder_depth=1)  # ViT-B/16 at 224
     assert isinstance(module.masking, GridMasking) and module.num_visible == 68
-    vit = module.encoder.vit
+    vit = module.online_encoder.vit
     assert not vit.pos_embed.requires_grad
     assert torch.allclose(vit.pos_embed, sincos_2d_pos_embed((14, 14), 768))
     assert isinstance(module.target_encoder.vit.norm, nn.Identity) and isinstance(vit.norm, nn.LayerNorm)
@@ -90,7 +90,7 @@ def test_default_structure_is_the_official_one() -> None:
 def test_encoder_blocks_see_only_visible_tokens() -> None:
     module = tiny()
     seen: list[int] = []
-    module.encoder.vit.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    module.online_encoder.vit.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
     module.training_step(batch(), 0)
     # online encoder: 1 + visible; target encoder (a copy, not hooked) runs separately
     assert seen == [1 + module.num_visible] and module.num_visible == 64 - 44  # 11 of 16 cells masked
@@ -116,7 +116,7 @@ def test_target_moves_only_by_ema() -> None:
     assert torch.equal(flat(module.target_encoder), target0)  # momentum 1: frozen while the encoder trains
     module = tiny(momentum=0.0)
     cpu_trainer(max_steps=2, limit_val_batches=0).fit(module, dm)
-    online = dict(module.encoder.named_parameters())
+    online = dict(module.online_encoder.named_parameters())
     for name, param in module.target_encoder.named_parameters():
         assert torch.equal(param, online[name]), name  # momentum 0: a copy of the online encoder
     assert torch.equal(flat(module.target_projector), flat(module.online_heads.projector))
@@ -162,3 +162,23 @@ def test_pixel_shifted_views() -> None:
             torch.equal(online[:, dy:, dx:], target[:, : 32 - dy, : 32 - dx]) for dy in range(4) for dx in range(4)
         )
         assert found
+
+
+def test_a_checkpoint_from_before_the_online_encoder_rename_loads(tmp_path) -> None:
+    module = tiny()
+    trainer = cpu_trainer(max_steps=1, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, SampleDataModule(batch_size=4, num_workers=0, train_size=8, val_size=4))
+    trainer.save_checkpoint(tmp_path / "new.ckpt")
+    checkpoint = torch.load(tmp_path / "new.ckpt", weights_only=True)
+    state = checkpoint["state_dict"]
+    assert any(k.startswith("online_encoder.") for k in state)
+    # 0.2 named the online encoder "encoder"
+    checkpoint["state_dict"] = {
+        ("encoder." + k[len("online_encoder.") :] if k.startswith("online_encoder.") else k): v
+        for k, v in state.items()
+    }
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    restored = CMAEModule.load_from_checkpoint(tmp_path / "old.ckpt", weights_only=True)
+    assert all(torch.equal(restored.state_dict()[k], v) for k, v in module.state_dict().items())
+    assert restored.encoder() is restored.online_encoder.vit
+    assert restored.encoder("teacher") is restored.target_encoder.vit

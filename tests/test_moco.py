@@ -56,8 +56,8 @@ def test_structure_follows_moco_v3() -> None:
     assert not module.predictor[-1].affine and module.predictor[1].affine
     assert all(m.bias is None for m in module.predictor if isinstance(m, torch.nn.Linear))
     assert module.projector[0].out_features == 4096 and module.predictor[3].out_features == 256
-    assert MoCoV3Module(backbone_kwargs={"num_heads": 6}).encoder.blocks[0].attn.num_heads == 6  # timm's ViT-S
-    assert MoCoV3Module(backbone="vit_base_patch16_224", proj_hidden_dim=64).encoder.blocks[0].attn.num_heads == 12
+    assert MoCoV3Module(backbone_kwargs={"num_heads": 6}).encoder().blocks[0].attn.num_heads == 6  # timm's ViT-S
+    assert MoCoV3Module(backbone="vit_base_patch16_224", proj_hidden_dim=64).encoder().blocks[0].attn.num_heads == 12
 
 
 def test_predictor_output_is_standardised_per_dimension_in_train_mode() -> None:
@@ -101,7 +101,7 @@ def test_momentum_branch_gets_no_gradients_and_follows_ema() -> None:
     module = tiny()
     module.training_step(batch(), 0).backward()
     assert all(p.grad is None for p in module.momentum_branch.parameters())
-    assert all(p.grad is None for p in module.encoder.patch_embed.parameters())
+    assert all(p.grad is None for p in module.encoder().patch_embed.parameters())
     dm = SampleDataModule(batch_size=8, num_workers=0, train_size=32, val_size=8, train_views=TwoCropViews(32))
     module = tiny(momentum=0.0, final_momentum=0.0)
     cpu_trainer(max_steps=2, limit_val_batches=0).fit(module, dm)

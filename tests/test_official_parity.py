@@ -239,9 +239,9 @@ def test_mocov3_initialisation_closed_forms(arch: str, patch_std: float) -> None
 
 def test_mocov3_module_applies_the_official_init_by_default() -> None:
     official = MoCoV3Module(proj_hidden_dim=64, proj_dim=16, backbone_kwargs={"depth": 1})
-    assert official.encoder.patch_embed.proj.weight.std().item() == pytest.approx(0.0417, rel=0.03)
+    assert official.encoder().patch_embed.proj.weight.std().item() == pytest.approx(0.0417, rel=0.03)
     timm_init = MoCoV3Module(proj_hidden_dim=64, proj_dim=16, backbone_kwargs={"depth": 1}, init="timm")
-    assert timm_init.encoder.patch_embed.proj.weight.std().item() < 0.03  # timm's conv init: about 0.021
+    assert timm_init.encoder().patch_embed.proj.weight.std().item() < 0.03  # timm's conv init: about 0.021
     assert torch.equal(
         torch.cat([p.flatten() for p in official.base.parameters()]),
         torch.cat([p.flatten() for p in official.momentum_branch.parameters()]),
@@ -283,7 +283,7 @@ def test_conmim_initialisation_is_beits_truncated_normal_with_depth_rescaling() 
 def test_cmae_encoder_initialisation_is_maes_xavier() -> None:
     kwargs = {"img_size": 64, "patch_size": 8, "embed_dim": 384, "depth": 2, "num_heads": 6}
     module = cmae_tiny(backbone_kwargs=kwargs, decoder_dim=64, decoder_heads=4)
-    vit: Any = module.encoder.vit
+    vit: Any = module.online_encoder.vit
     patch = vit.patch_embed.proj
     fan_in = 3 * 8 * 8
     _check_uniform(patch.weight, math.sqrt(6 / (384 + fan_in)))  # xavier on the (D, 3 p^2) matrix
@@ -298,7 +298,9 @@ def test_cmae_encoder_initialisation_is_maes_xavier() -> None:
     raw: Any = timm.create_model("vit_small_patch16_224", num_classes=0, **kwargs)
     init_mae_vit_(raw)
     _check_uniform(raw.blocks[1].attn.proj.weight, math.sqrt(6 / (384 + 384)))
-    assert cmae_tiny(init="timm").encoder.vit.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.15)
+    assert cmae_tiny(init="timm").online_encoder.vit.blocks[0].attn.qkv.weight.std().item() == pytest.approx(
+        0.02, rel=0.15
+    )
 
 
 # -------------------------------------------------------------------------- recipe batches
@@ -397,7 +399,7 @@ def test_six_head_vit_s_of_version_0_1_is_not_loaded_as_twelve_heads(tmp_path: P
     assert stage2.teacher.blocks[0].attn.num_heads == 6
     # A module built with today's default (12 heads) refuses it instead of running it wrongly.
     module = MoCoV3Module(backbone_kwargs=vit_s, proj_hidden_dim=64, proj_dim=16)
-    assert module.encoder.blocks[0].attn.num_heads == 12
+    assert module.encoder().blocks[0].attn.num_heads == 12
     for old in (tmp_path / "v0.1.ckpt", tmp_path / "v0.1.0.ckpt"):
         with pytest.raises(ValueError, match=r"differ in \['num_heads'\].*num_heads: 6"):
             cpu_trainer(max_steps=2, limit_val_batches=0).fit(module, data(train_views=TwoCropViews(32)), ckpt_path=old)

@@ -56,10 +56,10 @@ def test_compile_trains_on_cpu() -> None:
     module = tiny(compile=True)
     trainer = cpu_trainer(max_steps=2, limit_val_batches=0)
     trainer.fit(module, SampleDataModule(batch_size=8, num_workers=0, train_size=16, val_size=8))
-    assert getattr(module.encoder, "_compiled_call_impl", None) is not None
+    assert getattr(module.online_encoder, "_compiled_call_impl", None) is not None
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     state = module.state_dict()
-    assert "encoder.vit.blocks.0.attn.qkv.weight" in state  # checkpoint keys unchanged by compiling
+    assert "online_encoder.vit.blocks.0.attn.qkv.weight" in state  # checkpoint keys unchanged by compiling
 
 
 def test_grad_checkpointing_gives_the_same_gradients() -> None:
@@ -68,9 +68,9 @@ def test_grad_checkpointing_gives_the_same_gradients() -> None:
     grads = []
     for checkpointing in (False, True):
         module = tiny(grad_checkpointing=checkpointing)
-        assert module.encoder.vit.grad_checkpointing is checkpointing
+        assert module.online_encoder.vit.grad_checkpointing is checkpointing
         assert not module.target_encoder.vit.grad_checkpointing  # the no-grad target is not recomputed
         module.log = lambda *a, **k: None  # type: ignore[method-assign]
         module.training_step(batch, 0).backward()
-        grads.append(torch.cat([p.grad.flatten() for p in module.encoder.parameters() if p.grad is not None]))
+        grads.append(torch.cat([p.grad.flatten() for p in module.online_encoder.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-6)

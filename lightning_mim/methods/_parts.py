@@ -29,6 +29,7 @@ __all__ = [
     "checked_normalization",
     "eval_views",
     "load_method_state",
+    "rename_state_prefix",
     "restore_optim",
     "save_method_state",
     "store_optim",
@@ -164,6 +165,15 @@ def save_method_state(
     ``export_encoders()``), its random streams and any further plain-typed ``entries``."""
     states = {name: stream.state_dict() for name, stream in (streams or {}).items()}
     write_meta(checkpoint, method, module=module, **states, **entries)
+
+
+def rename_state_prefix(state_dict: dict[str, Any], old: str, new: str) -> None:
+    """Renames the keys of ``state_dict`` that start with ``old`` (a submodule renamed since a checkpoint was
+    written) to start with ``new``, in place; a state dict that has ``new`` keys already is left alone."""
+    if any(key.startswith(new) for key in state_dict):
+        return
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[new + key[len(old) :]] = state_dict.pop(key)
 
 
 def load_method_state(

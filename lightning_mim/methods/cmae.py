@@ -41,6 +41,7 @@ from lightning_mim.methods._parts import (
     checked_normalization,
     eval_views,
     load_method_state,
+    rename_state_prefix,
     restore_optim,
     save_method_state,
     store_optim,
@@ -151,14 +152,14 @@ class CMAEModule(pl.LightningModule):
         names = TimmArgs(owner, "backbone", "backbone_kwargs")
         if init not in ("official", "timm"):
             raise ValueError(f"{owner}(init={init!r}): must be 'official' or 'timm'")
-        self.encoder = MaskedViT(backbone, mode="visible", names=names, **(backbone_kwargs or {}))
-        vit = self.encoder.vit
+        self.online_encoder = MaskedViT(backbone, mode="visible", names=names, **(backbone_kwargs or {}))
+        vit = self.online_encoder.vit
         if init == "official":
             init_mae_vit_(vit)
         if vit.pos_embed is None:
             raise ValueError(f"{backbone!r} has no absolute position embedding to fix to sin-cos")
-        freeze_sincos_pos_embed(vit.pos_embed, self.encoder.grid_size)
-        grid, width = self.encoder.grid_size, self.encoder.embed_dim
+        freeze_sincos_pos_embed(vit.pos_embed, self.online_encoder.grid_size)
+        grid, width = self.online_encoder.grid_size, self.online_encoder.embed_dim
         self.masking = masking if masking is not None else default_cmae_masking(owner, grid)
         check_visible_masking(owner, self.masking, grid)  # the encoder sees the visible patches only
         self.num_visible = self.masking.num_patches - self.masking.num_masking_patches
@@ -175,7 +176,7 @@ class CMAEModule(pl.LightningModule):
             feature_decoder = self.build_decoder(feature_decoder_depth, width)
             projector = self.build_projector(width)
             self.online_heads = DecodedImageHead(feature_decoder, projector, self.build_predictor(proj_dim))
-            self.target_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+            self.target_encoder = copy.deepcopy(self.online_encoder).requires_grad_(False)
             self.target_encoder.vit.norm = nn.Identity()  # the target branch has no final norm
             self.target_projector = copy.deepcopy(self.online_heads.projector).requires_grad_(False)
         self.norm_pix = norm_pix
@@ -185,13 +186,13 @@ class CMAEModule(pl.LightningModule):
         self.momentum = momentum
         self.sync_batchnorm = sync_batchnorm
         self.use_compile = compile
-        self.encoder.set_grad_checkpointing(grad_checkpointing)
+        self.online_encoder.set_grad_checkpointing(grad_checkpointing)
         self._masks = MaskDraws(Stream.CMAE_MASKS)
 
     def build_decoder(self, depth: int, out_dim: int) -> nn.Module:
         """An MAE decoder of ``depth`` blocks from the encoder's visible tokens to ``out_dim`` per patch:
         the pixel decoder (out: P*P*3) and the feature decoder (out: the encoder width)."""
-        encoder = self.encoder
+        encoder = self.online_encoder
         return MAEDecoder(
             encoder.grid_size,
             encoder.embed_dim,
@@ -227,7 +228,17 @@ class CMAEModule(pl.LightningModule):
         """(online, target) pairs updated by EMA: encoder and projector, not decoders or predictor."""
         if not self.contrastive:
             return []
-        return [(self.encoder, self.target_encoder), (self.online_heads.projector, self.target_projector)]
+        return [(self.online_encoder, self.target_encoder), (self.online_heads.projector, self.target_projector)]
+
+    def encoder(self, which: Literal["student", "teacher"] = "student") -> nn.Module:
+        """The online (``"student"``) encoder's timm backbone, which CMAE fine-tunes; ``"teacher"``: the target
+        encoder's, an EMA copy without the final norm (not a complete timm model)."""
+        if which not in ("student", "teacher") or (which == "teacher" and not self.contrastive):
+            raise ValueError(
+                f"{type(self).__name__}.encoder(which={which!r}): this module has a 'student' encoder"
+                + (" and a 'teacher'" if self.contrastive else "")
+            )
+        return (self.online_encoder if which == "student" else self.target_encoder).vit
 
     default_export = "student"
 
@@ -236,7 +247,9 @@ class CMAEModule(pl.LightningModule):
 
         The target encoder has no final norm, so it is not a complete timm model and is not offered.
         """
-        return {"student": EncoderSpec(self.encoder.arch, self.encoder.timm_kwargs, self.encoder.vit)}
+        return {
+            "student": EncoderSpec(self.online_encoder.arch, self.online_encoder.timm_kwargs, self.online_encoder.vit)
+        }
 
     def configure_callbacks(self) -> list[Callback]:
         if not self.contrastive:
@@ -254,7 +267,7 @@ class CMAEModule(pl.LightningModule):
             check_contrastive_batch(self, "the contrastive loss")
 
     def _compiled_parts(self) -> list[nn.Module]:
-        parts: list[nn.Module] = [self.encoder, self.pixel_decoder]
+        parts: list[nn.Module] = [self.online_encoder, self.pixel_decoder]
         if self.contrastive:
             parts += [self.target_encoder, self.online_heads.feature_decoder]
         return parts
@@ -264,7 +277,7 @@ class CMAEModule(pl.LightningModule):
             compile_in_place(*self._compiled_parts())
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
-        trainable = nn.ModuleDict({"encoder": self.encoder, "pixel_decoder": self.pixel_decoder})
+        trainable = nn.ModuleDict({"encoder": self.online_encoder, "pixel_decoder": self.pixel_decoder})
         if self.contrastive:
             trainable["online_heads"] = self.online_heads
         return configure_adamw(self, trainable, self.optim)
@@ -285,7 +298,7 @@ class CMAEModule(pl.LightningModule):
             target_images: Normalised target view (B, 3, H, W); None (or plain MAE): reconstruction only.
             mask: (B, N) bool, True = masked (not seen by the encoder).
         """
-        tokens = self.encoder(images, mask, num_visible=self.num_visible)  # (B, 1 + N_visible, D)
+        tokens = self.online_encoder(images, mask, num_visible=self.num_visible)  # (B, 1 + N_visible, D)
         pred = self.pixel_decoder(tokens, mask)  # (B, N, P*P*3)
         loss_rec = masked_patch_mse(pred, patchify(images, self.patch_size), mask, self.norm_pix)
         weights = {"loss_rec": self.reconstruction_weight}
@@ -309,14 +322,14 @@ class CMAEModule(pl.LightningModule):
         prediction is mapped back with each target patch's own mean and variance, as MAE shows it)."""
         x = normalize(images, self.mean, self.std)
         mask = self.masking(x.shape[0], device=self.device, generator=generator)
-        pred = self.pixel_decoder(self.encoder(x, mask, num_visible=self.num_visible), mask)  # (B, N, P*P*3)
-        grid = self.encoder.grid_size
+        pred = self.pixel_decoder(self.online_encoder(x, mask, num_visible=self.num_visible), mask)  # (B, N, P*P*3)
+        grid = self.online_encoder.grid_size
         return reconstruction_panels(images, mask, pred, self.patch_size, grid, self.mean, self.std, self.norm_pix)
 
     @torch.no_grad()
     def embed(self, images: Tensor) -> Tensor:
         """Pooled features of the online encoder for uint8 images, as its timm export computes them: (B, D)."""
-        return self.encoder.pool(self.encoder(normalize(images, self.mean, self.std)))
+        return self.online_encoder.pool(self.online_encoder(normalize(images, self.mean, self.std)))
 
     # --------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -324,6 +337,7 @@ class CMAEModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         load_method_state(checkpoint, self._method, {"mask_stream": self._masks})
+        rename_state_prefix(checkpoint.get("state_dict", {}), "encoder.", "online_encoder.")  # written before 0.3
         self.optim = restore_optim(self, self.optim, checkpoint)
 
     @property
