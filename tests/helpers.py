@@ -137,7 +137,7 @@ def tiny_method(method: str, drop_path: float = 0.0) -> tuple[pl.LightningModule
             optim=optim,
         )
         teacher = module.enhancer
-    else:
+    elif method == "cmae":
         module = CMAEModule(
             backbone="vit_small_patch16_224",
             backbone_kwargs={**TINY_BEIT, "patch_size": 4, "drop_path_rate": drop_path},
@@ -150,6 +150,8 @@ def tiny_method(method: str, drop_path: float = 0.0) -> tuple[pl.LightningModule
             optim=optim,
         )
         teacher = module.target_encoder
+    else:
+        raise ValueError(f"tiny_method: unknown method {method!r} (conmim, mimco, mocov3, vq_tokenizer, cim, cmae)")
     return module, teacher
 
 
