@@ -11,7 +11,9 @@
 The recipes ship inside the package (``lightning_mim/recipes``; ``configs/`` in a checkout links to
 it): ``--config NAME.yaml`` (or ``configs/NAME.yaml``) that is not a file in the working directory
 names the packaged recipe, so the commands above work from any folder and from a wheel. A local file
-always wins; the first line printed says which was used. As with ``python -m lightning_mim``, the
+always wins; the first line printed says which was used. A config may name bases in lines of their own,
+``# lightning-mim base: base/callbacks.yaml``: each is read right after it, as one more ``--config``
+(see :func:`resolve_config_args`). As with ``python -m lightning_mim``, the
 working directory is importable, so ``--model.class_path mymodule.MyConMIM`` finds ``./mymodule.py``.
 
 Any LightningModule / LightningDataModule can be named by ``class_path``; lightning-mim's are
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -73,26 +76,58 @@ def packaged_recipe(name: str) -> Path | None:
     return path if path.is_file() and path.suffix == ".yaml" and RECIPES in path.parents else None
 
 
+#: A line of a config that names a base to read after it: ``# lightning-mim base: base/callbacks.yaml``.
+BASE_LINE = re.compile(r"^\s*#\s*lightning-mim base:\s*(\S+)", re.MULTILINE)
+
+
+def config_bases(config: Path) -> list[Path]:
+    """The bases that ``config`` names in ``# lightning-mim base: NAME`` lines, in their order.
+
+    NAME is a file beside ``config`` (relative to its folder) or else a packaged one (``base/callbacks.yaml``).
+    A base appends to lists (``trainer: {callbacks+: [...]}``) and sets nothing else, since it is read
+    after the config that names it; bases are not read for further bases.
+    """
+    bases = []
+    for name in BASE_LINE.findall(config.read_text()):
+        beside = config.parent / name
+        base = beside if beside.is_file() else packaged_recipe(name)
+        if base is None:
+            raise FileNotFoundError(f"{config} names the base {name!r}: no such file beside it or packaged")
+        bases.append(base)
+    return bases
+
+
 def resolve_config_args(args: list[str]) -> list[str]:
-    """``args`` with each ``--config NAME`` that is not a file replaced by the packaged recipe of that name.
+    """``args`` with each ``--config NAME`` that is not a file replaced by the packaged recipe of that name,
+    and followed by a ``--config`` for each base that the config names (:func:`config_bases`).
 
     A local file always wins. On rank 0 the first line printed says which file each ``--config`` is.
+    A base comes right after its config, so that its ``callbacks+`` appends to the config's callbacks
+    (jsonargparse replaces a list that a later config sets, and appends one given as ``key+``).
     """
-    resolved = list(args)
-    for i, arg in enumerate(resolved):
-        if arg == "--config" and i + 1 < len(resolved):
-            at, value = i + 1, resolved[i + 1]
+    resolved: list[str] = []
+    at = 0
+    while at < len(args):
+        arg = args[at]
+        if arg == "--config" and at + 1 < len(args):
+            value, joined, at = args[at + 1], False, at + 2
         elif arg.startswith("--config="):
-            at, value = i, arg.partition("=")[2]
+            value, joined, at = arg.partition("=")[2], True, at + 1
         else:
+            resolved.append(arg)
+            at += 1
             continue
         local = Path(value).expanduser()
         recipe = None if local.is_file() else packaged_recipe(value)
-        if recipe is not None:
-            resolved[at] = str(recipe) if at == i + 1 else f"--config={recipe}"
+        config = recipe or (local if local.is_file() else None)
+        bases = config_bases(config) if config is not None else []
+        for path in [str(recipe) if recipe else value, *map(str, bases)]:
+            resolved += [f"--config={path}"] if joined else ["--config", path]
         if os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0":
             said = f"packaged recipe {recipe.relative_to(RECIPES)} ({recipe})" if recipe else f"{local.resolve()}"
             sys.stderr.write(f"lightning-mim: config {said}\n")
+            for base in bases:
+                sys.stderr.write(f"lightning-mim: config base {base.resolve()}, named by {Path(value).name}\n")
     return resolved
 
 
@@ -242,7 +277,7 @@ def recipes_main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="lightning-mim recipes", description="The recipes and quickstarts that ship with lightning-mim."
     )
-    parser.add_argument("show", nargs="?", choices=["show"], help="print one recipe, to copy and edit")
+    parser.add_argument("show", nargs="?", choices=["show"], help="print one recipe as it is written, to copy and edit")
     parser.add_argument("name", nargs="?", help="the recipe to show, e.g. conmim_vitb.yaml or quickstart/conmim.yaml")
     options = parser.parse_args(argv)
     if options.show:
@@ -253,14 +288,18 @@ def recipes_main(argv: list[str]) -> None:
             )
         sys.stdout.write(recipe.read_text())
         return
-    for path in sorted(RECIPES.rglob("*.yaml"), key=lambda p: (p.parent != RECIPES, str(p))):
+    recipes = [p for p in RECIPES.rglob("*.yaml") if p.parent != RECIPES / "base"]
+    for path in sorted(recipes, key=lambda p: (p.parent != RECIPES, str(p))):
         lines = [line[2:].strip() for line in path.read_text().splitlines() if line.startswith("# ")]
         title = lines[0] if lines else ""
         target = next((line for line in lines if line.startswith("Target:")), "")
         print(f"{path.relative_to(RECIPES)!s:32s} {title}" + (f"\n{'':32s} {target}" if target else ""))
+    bases = ", ".join(str(p.relative_to(RECIPES)) for p in sorted((RECIPES / "base").glob("*.yaml")))
     print(
+        f"\nbases, read after each recipe that names them (`# lightning-mim base: NAME`): {bases}"
         "\nrun one from any folder: lightning-mim fit --config NAME.yaml; "
-        "copy one to edit: lightning-mim recipes show NAME.yaml > my.yaml"
+        "copy one to edit: lightning-mim recipes show NAME.yaml > my.yaml "
+        "(its bases stay packaged; --print_config prints the whole config)"
     )
 
 

@@ -17,7 +17,7 @@ from lightning_mim.methods.conmim import CONMIM_DECAY_RULE
 from lightning_mim.optim import DECAY_ALL
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+CONFIGS = sorted(c for c in (ROOT / "configs").rglob("*.yaml") if c.parent.name != "base")  # bases: not configs
 RECIPES = [c for c in CONFIGS if "quickstart" not in c.parts]
 
 
