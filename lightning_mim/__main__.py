@@ -1,3 +1,5 @@
+"""``python -m lightning_mim``: the ``lightning-mim`` command."""
+
 from lightning_mim.cli import main
 
 if __name__ == "__main__":

@@ -56,8 +56,9 @@ def mix_seed(*parts: int) -> int:
 
 
 def seed_torch(seed: int) -> None:
-    """``torch.manual_seed(seed)`` for the generators a process uses: the CPU one, and each accelerator
-    backend (CUDA, XPU, MPS) only once it is initialised.
+    """``torch.manual_seed(seed)`` for the generators a process uses.
+
+    The CPU one, and each accelerator backend (CUDA, XPU, MPS) only once it is initialised.
 
     ``torch.manual_seed`` also queues a seed for every backend not yet initialised, formatting a stack
     trace for each: about 0.65 ms per call on a machine with a CUDA build and no GPU in use, several

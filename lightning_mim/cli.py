@@ -69,8 +69,11 @@ RECIPES = Path(__file__).resolve().parent / "recipes"
 
 
 def packaged_recipe(name: str) -> Path | None:
-    """The packaged recipe ``name`` (``conmim_vitb.yaml``, ``quickstart/conmim.yaml``; a leading
-    ``configs/`` as in a checkout is allowed), or None."""
+    """The packaged recipe ``name``, or None.
+
+    ``name`` as ``conmim_vitb.yaml`` or ``quickstart/conmim.yaml``; a leading ``configs/`` as in a
+    checkout is allowed.
+    """
     relative = name.removeprefix("./").removeprefix("configs/")
     path = (RECIPES / relative).resolve()
     return path if path.is_file() and path.suffix == ".yaml" and RECIPES in path.parents else None
@@ -98,8 +101,10 @@ def config_bases(config: Path) -> list[Path]:
 
 
 def resolve_config_args(args: list[str]) -> list[str]:
-    """``args`` with each ``--config NAME`` that is not a file replaced by the packaged recipe of that name,
-    and followed by a ``--config`` for each base that the config names (:func:`config_bases`).
+    """``args`` with packaged recipes for ``--config`` names that are not files, and their bases.
+
+    Each ``--config NAME`` that is not a file is replaced by the packaged recipe of that name, and
+    followed by a ``--config`` for each base that the config names (:func:`config_bases`).
 
     A local file always wins. On rank 0 the first line printed says which file each ``--config`` is.
     A base comes right after its config, so that its ``callbacks+`` appends to the config's callbacks
@@ -165,8 +170,11 @@ each has its own --help. Set LIGHTNING_MIM_DEBUG=1 for the traceback of an error
 
 
 class _StepProgressBar(RichProgressBar):
-    """Lightning's Rich progress bar, which labels a step-limited run (``max_epochs=-1``) "Epoch 0/-2":
-    here it reads "Epoch 0 (of a 1000-step run)" instead."""
+    """Lightning's Rich progress bar, with the steps of a step-limited run in its label.
+
+    Lightning labels a run with ``max_epochs=-1`` "Epoch 0/-2"; here it reads "Epoch 0 (of a
+    1000-step run)" instead.
+    """
 
     def _get_train_description(self, current_epoch: int) -> str:
         trainer = self.trainer

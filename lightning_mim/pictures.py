@@ -126,9 +126,11 @@ def cim_panels(
     std: Sequence[float],
     objective: str,
 ) -> dict[str, Tensor]:
-    """Input, mask, the corrupted image, and the enhancer's output: ResPix, its prediction next to the
-    window-normalised ``target`` (each min-max scaled); RevDet, the predicted replacement probability
-    per token next to the true replacements (blue = original, red = replaced).
+    """CIM's panels: input, mask, the corrupted image, and the enhancer's output.
+
+    ResPix: its prediction next to the window-normalised ``target`` (each min-max scaled); RevDet: the
+    predicted replacement probability per token next to the true replacements (blue = original, red =
+    replaced).
 
     Args:
         images: uint8 (B, 3, H, W).

@@ -1,5 +1,7 @@
-"""Callbacks that work with any LightningModule: EMA teacher, masking, online kNN, visual diagnostics, MFU,
-preemption (each imported on first use)."""
+"""Callbacks that work with any LightningModule.
+
+EMA teacher, masking, online kNN, visual diagnostics, MFU, preemption (each imported on first use).
+"""
 
 from typing import TYPE_CHECKING
 

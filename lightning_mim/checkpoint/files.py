@@ -13,8 +13,11 @@ __all__ = ["load_checkpoint", "torch_load_weights", "unpickler_detail"]
 
 
 def unpickler_detail(err: pickle.UnpicklingError) -> str:
-    """What torch's weights-only unpickler refused: "Unsupported global: GLOBAL os.system ..." (a pickled
-    object) or "Unsupported operand 103" (a corrupt stream)."""
+    """What torch's weights-only unpickler refused, in one line.
+
+    "Unsupported global: GLOBAL os.system ..." (a pickled object) or "Unsupported operand 103" (a
+    corrupt stream).
+    """
     if err.__context__ is not None:
         return str(err.__context__).partition(". ")[0]
     match = re.search(r"WeightsUnpickler error:\s*([^\n]*?)(?:\.|\n|$)", str(err))

@@ -1,5 +1,8 @@
-"""What a lightning-mim checkpoint records besides weights: the method that wrote it, its random-stream
-state, and the timm encoders it holds (so that exporting or fine-tuning needs nothing else)."""
+"""What a lightning-mim checkpoint records besides weights.
+
+The method that wrote it, its random-stream state, and the timm encoders it holds (so that exporting
+or fine-tuning needs nothing else).
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Streaming pre-training data: image folders written as litdata chunks, streamed from disk or a bucket.
+r"""Streaming pre-training data: image folders written as litdata chunks, streamed from disk or a bucket.
 
     lightning-mim prepare-data /data/imagenet /data/imagenet-chunks          # or s3://bucket/imagenet
     lightning-mim fit --config configs/conmim_vitb.yaml \\

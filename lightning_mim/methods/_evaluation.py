@@ -36,8 +36,11 @@ def accuracy_metrics(num_classes: int) -> nn.ModuleDict:
 def random_vit_size(
     weights: str | None, arch: str, model_kwargs: dict[str, Any] | None, image_size: int
 ) -> dict[str, Any] | None:
-    """``model_kwargs`` with ``img_size=image_size`` for a ViT/BEiT built without weights (whose input size
-    is otherwise the architecture's default, e.g. 224, and cannot take ``image_size`` crops)."""
+    """``model_kwargs`` with ``img_size=image_size`` for a ViT/BEiT built without weights.
+
+    Its input size is otherwise the architecture's default (e.g. 224), which cannot take
+    ``image_size`` crops.
+    """
     if weights is not None or "img_size" in (model_kwargs or {}) or not is_token_model(arch):
         return model_kwargs
     return {**(model_kwargs or {}), "img_size": image_size}

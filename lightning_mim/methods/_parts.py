@@ -91,8 +91,10 @@ def store_optim(module: pl.LightningModule, optim: OptimConfig | Mapping[str, An
 
 
 def restore_optim(module: pl.LightningModule, config: OptimConfig, checkpoint: dict[str, Any]) -> OptimConfig:
-    """The optimiser settings a resumed run continues with (:func:`~lightning_mim.optim.resumable_optim`),
-    recorded in ``module.hparams["optim"]``."""
+    """The optimiser settings a resumed run continues with, recorded in ``module.hparams["optim"]``.
+
+    See :func:`~lightning_mim.optim.resumable_optim`.
+    """
     return store_optim(module, resumable_optim(config, checkpoint, type(module).__name__))
 
 
@@ -161,15 +163,21 @@ def save_method_state(
     streams: Mapping[str, _Stateful] | None = None,
     **entries: Any,
 ) -> None:
-    """Writes the lightning-mim entry: the method, its encoders (with a ``module`` that has
-    ``export_encoders()``), its random streams and any further plain-typed ``entries``."""
+    """Writes the lightning-mim entry of a checkpoint being saved.
+
+    The method, its encoders (with a ``module`` that has ``export_encoders()``), its random streams and
+    any further plain-typed ``entries``.
+    """
     states = {name: stream.state_dict() for name, stream in (streams or {}).items()}
     write_meta(checkpoint, method, module=module, **states, **entries)
 
 
 def rename_state_prefix(state_dict: dict[str, Any], old: str, new: str) -> None:
-    """Renames the keys of ``state_dict`` that start with ``old`` (a submodule renamed since a checkpoint was
-    written) to start with ``new``, in place; a state dict that has ``new`` keys already is left alone."""
+    """Renames, in place, the keys of ``state_dict`` that start with ``old`` to start with ``new``.
+
+    For a submodule renamed since a checkpoint was written; a state dict that has ``new`` keys
+    already is left alone.
+    """
     if any(key.startswith(new) for key in state_dict):
         return
     for key in [k for k in state_dict if k.startswith(old)]:

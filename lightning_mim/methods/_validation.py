@@ -86,8 +86,11 @@ def check_input_size(owner: str, model: Any, **sizes: int | None) -> None:
 
 
 def check_mask_count(owner: str, masking: MaskGenerator, *, needs_visible: bool = False) -> None:
-    """The generator masks at least one patch and no more than its grid has (and, if
-    ``needs_visible``, leaves at least one visible: encoders that drop masked tokens need one)."""
+    """The generator masks at least one patch and no more than its grid has.
+
+    With ``needs_visible``, it also leaves at least one visible: encoders that drop masked tokens
+    need one.
+    """
     count, total = masking.num_masking_patches, masking.num_patches
     limit = total - 1 if needs_visible else total
     if not 0 < count <= limit:
@@ -142,8 +145,10 @@ def check_mask_grid(owner: str, masking: MaskGenerator, grid: tuple[int, int], w
 
 
 def check_visible_masking(owner: str, masking: MaskGenerator, grid: tuple[int, int]) -> None:
-    """A generator for an encoder that drops the masked patches (MAE, CMAE): on ``grid``, the same count
-    in every image, at least one patch masked and one visible."""
+    """A generator for an encoder that drops the masked patches (MAE, CMAE).
+
+    On ``grid``, the same count in every image, at least one patch masked and one visible.
+    """
     check_mask_grid(owner, masking, grid)
     if not masking.fixed_count:
         raise ValueError(

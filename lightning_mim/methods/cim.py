@@ -219,9 +219,11 @@ class CIMModule(pl.LightningModule):
 
     # ---------------------------------------------------------------------------------- steps
     def compute_losses(self, images_uint8: Tensor, mask: Tensor, generator: torch.Generator | None) -> LossTerms:
-        """CIM's terms: ``loss_gen``, the generator's cross-entropy on the masked tokens, and ``loss_enh``, the
-        enhancer's loss on the image rebuilt from the generator's samples (ResPix: the window-normalised
-        pixels; RevDet: which tokens were replaced).
+        """CIM's terms: the generator's cross-entropy and the enhancer's loss.
+
+        ``loss_gen`` is the generator's cross-entropy on the masked tokens, ``loss_enh`` the enhancer's
+        loss on the image rebuilt from the generator's samples (ResPix: the window-normalised pixels;
+        RevDet: which tokens were replaced).
 
         Args:
             images_uint8: uint8 images (B, 3, H, W).

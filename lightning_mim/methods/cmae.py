@@ -190,8 +190,10 @@ class CMAEModule(pl.LightningModule):
         self._masks = MaskDraws(Stream.CMAE_MASKS)
 
     def build_decoder(self, depth: int, out_dim: int) -> nn.Module:
-        """An MAE decoder of ``depth`` blocks from the encoder's visible tokens to ``out_dim`` per patch:
-        the pixel decoder (out: P*P*3) and the feature decoder (out: the encoder width)."""
+        """An MAE decoder of ``depth`` blocks from the encoder's visible tokens to ``out_dim`` per patch.
+
+        The pixel decoder (out: P*P*3) and the feature decoder (out: the encoder width).
+        """
         encoder = self.online_encoder
         return MAEDecoder(
             encoder.grid_size,
@@ -231,8 +233,11 @@ class CMAEModule(pl.LightningModule):
         return [(self.online_encoder, self.target_encoder), (self.online_heads.projector, self.target_projector)]
 
     def encoder(self, which: Literal["student", "teacher"] = "student") -> nn.Module:
-        """The online (``"student"``) encoder's timm backbone, which CMAE fine-tunes; ``"teacher"``: the target
-        encoder's, an EMA copy without the final norm (not a complete timm model)."""
+        """The online (``"student"``) encoder's timm backbone, which CMAE fine-tunes.
+
+        ``"teacher"``: the target encoder's, an EMA copy without the final norm (not a complete timm
+        model).
+        """
         if which not in ("student", "teacher") or (which == "teacher" and not self.contrastive):
             raise ValueError(
                 f"{type(self).__name__}.encoder(which={which!r}): this module has a 'student' encoder"
@@ -290,8 +295,10 @@ class CMAEModule(pl.LightningModule):
         return self.compute_losses(images, target_images, mask).log(self)
 
     def compute_losses(self, images: Tensor, target_images: Tensor | None, mask: Tensor) -> LossTerms:
-        """CMAE's terms: ``loss_rec``, the masked patches' pixels from the visible ones, and ``loss_con``, the
-        online branch's image embedding against the momentum branch's embedding of the pixel-shifted view.
+        """CMAE's terms: pixel reconstruction and the contrast of the two branches.
+
+        ``loss_rec``: the masked patches' pixels from the visible ones; ``loss_con``: the online
+        branch's image embedding against the momentum branch's embedding of the pixel-shifted view.
 
         Args:
             images: Normalised online view (B, 3, H, W).
@@ -317,9 +324,11 @@ class CMAEModule(pl.LightningModule):
         self.log("val/loss_rec", self.compute_losses(images, None, mask).terms["loss_rec"], sync_dist=True)
 
     def diagnostics(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        """Panels for :class:`~lightning_mim.callbacks.VisualDiagnostics`: input, mask, and the pixel
-        reconstruction (visible patches as given, masked ones predicted; with ``norm_pix`` the
-        prediction is mapped back with each target patch's own mean and variance, as MAE shows it)."""
+        """Panels for :class:`~lightning_mim.callbacks.VisualDiagnostics`: input, mask, reconstruction.
+
+        Visible patches as given, masked ones predicted; with ``norm_pix`` the prediction is mapped
+        back with each target patch's own mean and variance, as MAE shows it.
+        """
         x = normalize(images, self.mean, self.std)
         mask = self.masking(x.shape[0], device=self.device, generator=generator)
         pred = self.pixel_decoder(self.online_encoder(x, mask, num_visible=self.num_visible), mask)  # (B, N, P*P*3)

@@ -237,8 +237,10 @@ class ConMIMModule(pl.LightningModule):
         return self.compute_losses(images, teacher_images, mask).log(self)
 
     def compute_losses(self, images: Tensor, teacher_images: Tensor, mask: Tensor) -> LossTerms:
-        """ConMIM's loss: each masked patch's student feature must pick out its own teacher feature
-        among all patches of the image.
+        """ConMIM's loss, the denoising patch contrast.
+
+        Each masked patch's student feature must pick out its own teacher feature among all patches
+        of the image.
 
         Args:
             images: Normalised student view (B, 3, H, W).
@@ -257,8 +259,11 @@ class ConMIMModule(pl.LightningModule):
         self.log("val/loss", self.compute_losses(images, images, mask).total, sync_dist=True)
 
     def diagnostics(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        """Panels for :class:`~lightning_mim.callbacks.VisualDiagnostics`: input, mask, and the cosine
-        similarity of each patch's student feature (masked input) to its teacher feature (full input)."""
+        """Panels for :class:`~lightning_mim.callbacks.VisualDiagnostics`: input, mask, similarity.
+
+        The cosine similarity of each patch's student feature (masked input) to its teacher feature
+        (full input).
+        """
         x = normalize(images, self.mean, self.std)
         mask = self.masking(x.shape[0], device=self.device, generator=generator)
         student = self.student(x, mask)  # (B, N, d) projected patch features

@@ -185,8 +185,10 @@ class MimCoModule(pl.LightningModule):
         return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
 
     def build_image_head(self, in_dim: int, out_dim: int) -> nn.Module:
-        """Student CLS token (B, in_dim) -> image target (B, out_dim). DEFAULT: MoCo v3's ViT heads, projector
-        then predictor (both ending in a non-affine BatchNorm)."""
+        """Student CLS token (B, in_dim) -> image target (B, out_dim).
+
+        DEFAULT: MoCo v3's ViT heads, projector then predictor (both ending in a non-affine BatchNorm).
+        """
         heads: list[nn.Module] = [BNProjector(in_dim, self.proj_hidden_dim, out_dim, num_layers=self.image_proj_layers)]
         if self.image_pred_layers:
             heads.append(BNProjector(out_dim, self.proj_hidden_dim, out_dim, num_layers=self.image_pred_layers))
@@ -240,9 +242,11 @@ class MimCoModule(pl.LightningModule):
         return tokens[:, prefix:], image_target
 
     def compute_losses(self, images: Tensor, mask: Tensor) -> LossTerms:
-        """MimCo's terms: ``loss_patch``, each masked patch's prediction against the frozen teacher's patch
-        features of the same image, and ``loss_image``, the student's CLS embedding against the teacher's
-        image target over the global batch.
+        """MimCo's terms: patch-level and image-level contrast with the frozen teacher.
+
+        ``loss_patch``: each masked patch's prediction against the teacher's patch features of the same
+        image; ``loss_image``: the student's CLS embedding against the teacher's image target over the
+        global batch.
 
         Args:
             images: Normalised images (B, 3, H, W), the same view for student and teacher.
@@ -267,8 +271,11 @@ class MimCoModule(pl.LightningModule):
         self.log("val/loss", self.compute_losses(images, mask).total, sync_dist=True)
 
     def diagnostics(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
-        """Panels for :class:`~lightning_mim.callbacks.VisualDiagnostics`: input, mask, and the cosine
-        similarity of each patch's predicted feature (masked student) to the frozen teacher's."""
+        """Panels for :class:`~lightning_mim.callbacks.VisualDiagnostics`: input, mask, similarity.
+
+        The cosine similarity of each patch's predicted feature (masked student) to the frozen
+        teacher's.
+        """
         x = normalize(images, self.mean, self.std)
         mask = self.masking(x.shape[0], device=self.device, generator=generator)
         teacher, _ = self._teacher_targets(x)  # (B, N, Dt)

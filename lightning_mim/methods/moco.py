@@ -159,8 +159,11 @@ class MoCoV3Module(pl.LightningModule):
         return BNProjector(in_dim, self.proj_hidden_dim, self.proj_dim, num_layers=3)
 
     def build_predictor(self, in_dim: int) -> nn.Module:
-        """The base branch's predictor: MoCo v3's ViT predictor, 2 layers ending in a non-affine BatchNorm
-        (``_build_mlp``'s default ``last_bn=True``)."""
+        """The base branch's predictor.
+
+        MoCo v3's ViT predictor: 2 layers ending in a non-affine BatchNorm (``_build_mlp``'s default
+        ``last_bn=True``).
+        """
         return BNProjector(in_dim, self.proj_hidden_dim, self.proj_dim, num_layers=2, last_bn=True)
 
     # ----------------------------------------------------------------------------------- parts
@@ -210,8 +213,10 @@ class MoCoV3Module(pl.LightningModule):
 
     # ---------------------------------------------------------------------------------- steps
     def compute_losses(self, images: Tensor, images_2: Tensor) -> LossTerms:
-        """MoCo v3's symmetric loss: each view's prediction against the momentum embedding of the other view
-        (InfoNCE over the global batch, each term scaled by 2 tau).
+        """MoCo v3's symmetric contrastive loss.
+
+        Each view's prediction against the momentum embedding of the other view (InfoNCE over the
+        global batch, each term scaled by 2 tau).
 
         Args:
             images: Normalised first views (B, 3, H, W).

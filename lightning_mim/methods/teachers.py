@@ -36,7 +36,7 @@ _STAGE1_HINT = (
 
 
 def mocov3_backbone_kwargs(backbone: str, backbone_kwargs: dict[str, Any] | None) -> dict[str, Any]:
-    """timm arguments of MoCo v3's encoder: the official head count for ``vit_small_*`` unless given."""
+    """Timm arguments of MoCo v3's encoder: the official head count for ``vit_small_*`` unless given."""
     kwargs: dict[str, Any] = {"num_classes": 0, "global_pool": "token"}
     for prefix, heads in MOCOV3_VIT_HEADS.items():
         if backbone.startswith(prefix):
@@ -168,6 +168,11 @@ def build_mimco_teacher(
     teacher_kwargs: dict[str, Any] | None,
     allow_random_teacher: bool,
 ) -> tuple[nn.Module, nn.Module | None]:
+    """MimCo's frozen teacher (eval mode, no gradients) and its projector (None for a timm teacher).
+
+    From a stage-1 checkpoint, a timm architecture with local weights, or (smoke runs) a random MoCo v3
+    ViT of the student's size; the arguments are :class:`~lightning_mim.MimCoModule`'s.
+    """
     if teacher_ckpt is not None:
         stage1 = load_mocov3_teacher(teacher_ckpt)
         return stage1.encoder(), stage1.projector

@@ -1,5 +1,8 @@
-"""Reusable layers: the masked ViT wrapper over timm, decoders, heads, CIM's tokenizers and enhancer
-(each imported on first use)."""
+"""Reusable layers.
+
+The masked ViT wrapper over timm, decoders, heads, CIM's tokenizers, generator and enhancer (each
+imported on first use).
+"""
 
 from typing import TYPE_CHECKING
 
