@@ -178,7 +178,7 @@ def test_bad_arguments_fail_clearly() -> None:
         tiny(temperature=0.0)
     with pytest.raises(ValueError, match="objective"):
         tiny("inpaint")
-    with pytest.raises(ValueError, match="masking grid"):
+    with pytest.raises(ValueError, match=r"its grid \(14, 14\) does not match the token grid \(8, 8\)"):
         tiny(masking=BlockMasking(14))
     with pytest.raises(TypeError, match="ViT, BEiT or ResNet"):
         tiny(enhancer="convnext_tiny", enhancer_kwargs={})
