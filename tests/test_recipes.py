@@ -249,7 +249,7 @@ CHOICES = {
     "masking.min_num_patches window optim.base_batch_size",
     "quickstart/cmae.yaml": "backbone decoder_dim decoder_depth feature_decoder_depth decoder_heads proj_hidden_dim "
     "proj_dim momentum optim.lr optim.base_batch_size optim.min_lr",
-    "quickstart/conmim.yaml": "proj_hidden_dim momentum crop_scale init optim.lr",
+    "quickstart/conmim.yaml": "proj_hidden_dim momentum crop_scale init eval_encoder optim.lr",
     "quickstart/finetune.yaml": "num_classes image_size mixup cutmix optim.lr optim.base_batch_size "
     "optim.warmup_epochs",
     "quickstart/linear.yaml": "num_classes pool image_size optim.lr optim.base_batch_size optim.warmup_epochs",
