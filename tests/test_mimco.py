@@ -12,6 +12,7 @@ from lightning_mim import ConMIMModule, MimCoModule, MoCoV3Module
 from lightning_mim.data import SampleDataModule, TwoCropViews
 from lightning_mim.masking import BlockMasking, RandomMasking
 from lightning_mim.methods.mimco import MIMCO_MASK_RATIO
+from lightning_mim.methods.teachers import projector_out_dim
 
 from .helpers import TINY_BEIT, cpu_trainer, flat, losses_on_fixed_batch
 
@@ -46,7 +47,7 @@ def test_teacher_is_the_stage1_encoder_and_stays_frozen(stage1_ckpt: Path) -> No
     for name, value in teacher_state.items():
         assert torch.equal(value, stage1[f"base.encoder.{name}"]), name
     assert module.teacher_projector is not None
-    assert module._projector_out(module.teacher_projector) == 16  # stage 1's projection width
+    assert projector_out_dim(module.teacher_projector) == 16  # stage 1's projection width
     before = flat(module.teacher).clone(), flat(module.teacher_projector).clone()
     modes: list[bool] = []
     module.teacher.blocks[0].register_forward_hook(lambda m, i, o: modes.append(m.training))

@@ -198,7 +198,11 @@ def test_sbatch_example_matches_its_slurm_allocation_and_recipe() -> None:
     config = yaml.safe_load((ROOT / option(args, "--config")).read_text())
     assert config["trainer"]["devices"] in ("auto", int(directives["ntasks-per-node"]))
     assert config["trainer"]["strategy"] == "ddp"
-    callbacks = [c["class_path"] for c in config["trainer"]["callbacks"]]
+    from lightning_mim.cli import config_bases
+
+    bases = [yaml.safe_load(base.read_text()) for base in config_bases(ROOT / option(args, "--config"))]
+    appended = [c for base in bases for c in base["trainer"]["callbacks+"]]  # the recipe's shared callbacks
+    callbacks = [c["class_path"] for c in config["trainer"]["callbacks"] + appended]
     assert "lightning_mim.callbacks.Preemption" in callbacks  # SIGUSR1 / SIGTERM: last.ckpt, requeue
     assert any(c.get("init_args", {}).get("save_last") for c in config["trainer"]["callbacks"])  # `last` finds it
     # Global batch: nodes x GPUs x per-GPU batch = the recipe's 2048.

@@ -145,11 +145,11 @@ def test_cmae_decay_rule_is_the_official_one() -> None:
 
     module = cmae_tiny()
     exempt, decayed = no_decay_after_one_step(module, train_views=CMAEViews(size=32, shift=4))
-    encoder = {f"encoder.vit.blocks.{i}.{n}" for i in range(2) for n in ENCODER_BLOCK} | {
-        "encoder.vit.cls_token",
-        "encoder.vit.norm.bias",
-        "encoder.vit.norm.weight",
-        "encoder.vit.patch_embed.proj.bias",
+    encoder = {f"online_encoder.vit.blocks.{i}.{n}" for i in range(2) for n in ENCODER_BLOCK} | {
+        "online_encoder.vit.cls_token",
+        "online_encoder.vit.norm.bias",
+        "online_encoder.vit.norm.weight",
+        "online_encoder.vit.patch_embed.proj.bias",
     }
     heads = {f"online_heads.{h}.{i}.bias" for h in ("projector", "predictor") for i in (0, 1)}
     expected = (
@@ -170,12 +170,12 @@ def test_mae_decay_rule_is_the_official_one() -> None:
     module = cmae_tiny(contrastive_weight=0.0, optim=quick(MAE_OPTIM))
     exempt, decayed = no_decay_after_one_step(module, train_views=MAEViews(size=32))
     expected = (
-        {f"encoder.vit.blocks.{i}.{n}" for i in range(2) for n in ENCODER_BLOCK}
-        | {"encoder.vit.norm.bias", "encoder.vit.norm.weight", "encoder.vit.patch_embed.proj.bias"}
+        {f"online_encoder.vit.blocks.{i}.{n}" for i in range(2) for n in ENCODER_BLOCK}
+        | {"online_encoder.vit.norm.bias", "online_encoder.vit.norm.weight", "online_encoder.vit.patch_embed.proj.bias"}
         | _decoder("pixel_decoder")
     )
     assert exempt == expected
-    assert {"encoder.vit.cls_token", "pixel_decoder.mask_token"} <= decayed  # 3-D, no skip list in MAE
+    assert {"online_encoder.vit.cls_token", "pixel_decoder.mask_token"} <= decayed  # 3-D, no skip list in MAE
 
 
 def test_methods_without_official_code_keep_timms_rule_and_rules_are_configurable() -> None:
@@ -393,7 +393,7 @@ def test_six_head_vit_s_of_version_0_1_is_not_loaded_as_twelve_heads(tmp_path: P
     for encoders_entry in (False, True):  # the 0.1.0 release, and later 0.1 checkpoints
         old = _as_version_0_1(saved, drop_heads=True, encoders_entry=encoders_entry)
         teacher = load_mocov3_teacher(old)  # rebuilt with the 6 heads it was trained with
-        assert teacher.encoder.blocks[0].attn.num_heads == 6
+        assert teacher.encoder().blocks[0].attn.num_heads == 6
         assert torch.allclose(teacher.embed(images), written.embed(images), atol=1e-5)
     stage2 = MimCoModule(backbone_kwargs=vit_s, teacher_ckpt=str(old), patch_hidden_dim=32, proj_hidden_dim=64)
     assert stage2.teacher.blocks[0].attn.num_heads == 6
