@@ -38,29 +38,18 @@ from lightning.pytorch.plugins import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lightning_mim.callbacks import (  # noqa: F401 - imported so that short names (OnlineKNN) resolve
-    EMATeacher,
-    MaskingCallback,
-    MFUMonitor,
-    NonFiniteGuard,
-    OnlineKNN,
-    Preemption,
-    VisualDiagnostics,
-)
+import lightning_mim.callbacks
+import lightning_mim.methods
 from lightning_mim.checkpoint.io import AtomicCheckpointIO
 from lightning_mim.data import ImageNetDataModule, SampleDataModule  # noqa: F401 - short names resolve
-from lightning_mim.methods import (  # noqa: F401 - imported so that short names (ConMIMModule) resolve
-    CIMModule,
-    CMAEModule,
-    ConMIMModule,
-    FineTuneModule,
-    LinearProbeModule,
-    MimCoModule,
-    MoCoV3Module,
-    VQTokenizerModule,
-)
 
 __all__ = ["LightningMIMCLI", "main"]
+
+# LightningCLI resolves short class names (--model ConMIMModule, OnlineKNN) among the subclasses
+# already imported: import every method and callback the packages export (they load lazily).
+for _package in (lightning_mim.methods, lightning_mim.callbacks):
+    for _name in _package.__all__:
+        getattr(_package, _name)
 
 #: Set to 1 for the full traceback of a user error (a bad config value, a missing or wrong checkpoint).
 DEBUG_ENV = "LIGHTNING_MIM_DEBUG"
