@@ -170,8 +170,7 @@ class MimCoModule(pl.LightningModule):
         self.image_proj_layers, self.image_pred_layers = image_proj_layers, image_pred_layers
         self.patch_head = self.build_patch_head(width, teacher_width)
         self.image_head = self.build_image_head(width, target_dim)
-        self.patch_temperature = patch_temperature
-        self.image_temperature = image_temperature
+        self.patch_temperature, self.image_temperature = patch_temperature, image_temperature
         self.image_weight = image_weight
         self.teacher_bf16 = teacher_bf16
         self.use_compile = compile
@@ -198,9 +197,8 @@ class MimCoModule(pl.LightningModule):
     def train(self, mode: bool = True) -> MimCoModule:
         """Train mode for the student only: the teacher stays in eval mode."""
         super().train(mode)
-        self.teacher.eval()
-        if self.teacher_projector is not None:
-            self.teacher_projector.eval()
+        for frozen in (self.teacher, self.teacher_projector or nn.Identity()):
+            frozen.eval()
         return self
 
     def encoder(self, which: Literal["student"] = "student") -> nn.Module:
