@@ -212,3 +212,15 @@ def fit_stopping_at_epoch_end(
     )
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return module, trainer
+
+
+def assert_epoch_boundary_resume_is_exact(data: Any, tmp: Path) -> None:
+    """A 2-epoch, 6-step run stopped at its first epoch boundary and resumed from ``last.ckpt`` ends like
+    the uninterrupted run: 6 steps, the same weights. ``data()`` builds a fresh data module of 3 steps."""
+    reference, trainer = fit_stopping_at_epoch_end(data(), tmp / "a", stop=False)
+    assert trainer.global_step == 6
+    _, stopped = fit_stopping_at_epoch_end(data(), tmp / "b", stop=True)
+    assert stopped.global_step == 3
+    resumed, trainer = fit_stopping_at_epoch_end(data(), tmp / "b", stop=False, ckpt_path=str(tmp / "b" / "last.ckpt"))
+    assert trainer.global_step == 6
+    torch.testing.assert_close(resumed.net.weight, reference.net.weight, atol=1e-6, rtol=0)

@@ -233,7 +233,7 @@ def test_resume_after_a_stop_at_an_epoch_boundary(source: str, workers: int, tmp
     (it ran only epoch 1's last batch: Lightning carried the finished epoch's batch count over)."""
     from lightning_mim.data import ImageNetDataModule
 
-    from .helpers import fit_stopping_at_epoch_end, write_sample_folder
+    from .helpers import assert_epoch_boundary_resume_is_exact, write_sample_folder
 
     def data() -> pl.LightningDataModule:
         if source == "sample":
@@ -242,12 +242,4 @@ def test_resume_after_a_stop_at_an_epoch_boundary(source: str, workers: int, tmp
 
     if source == "folder":
         write_sample_folder(tmp_path / "images")
-    reference, trainer = fit_stopping_at_epoch_end(data(), tmp_path / "a", stop=False)
-    assert trainer.global_step == 6
-    _, stopped = fit_stopping_at_epoch_end(data(), tmp_path / "b", stop=True)
-    assert stopped.global_step == 3
-    resumed, trainer = fit_stopping_at_epoch_end(
-        data(), tmp_path / "b", stop=False, ckpt_path=str(tmp_path / "b" / "last.ckpt")
-    )
-    assert trainer.global_step == 6
-    torch.testing.assert_close(resumed.net.weight, reference.net.weight, atol=1e-6, rtol=0)
+    assert_epoch_boundary_resume_is_exact(data, tmp_path)

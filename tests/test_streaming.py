@@ -226,17 +226,9 @@ def test_resume_after_a_stop_at_an_epoch_boundary(
     workers: int, prepared: tuple[Path, Path, str], tmp_path: Path
 ) -> None:
     """As for the other data modules (tests/test_resume.py): all of epoch 1 after a stop at epoch 0's end."""
-    from .helpers import fit_stopping_at_epoch_end
+    from .helpers import assert_epoch_boundary_resume_is_exact
 
     def data() -> StreamingDataModule:
         return StreamingDataModule(str(prepared[1]), batch_size=64, num_workers=workers)  # 200 images: 3 steps
 
-    reference, trainer = fit_stopping_at_epoch_end(data(), tmp_path / "a", stop=False)
-    assert trainer.global_step == 6
-    _, stopped = fit_stopping_at_epoch_end(data(), tmp_path / "b", stop=True)
-    assert stopped.global_step == 3
-    resumed, trainer = fit_stopping_at_epoch_end(
-        data(), tmp_path / "b", stop=False, ckpt_path=str(tmp_path / "b" / "last.ckpt")
-    )
-    assert trainer.global_step == 6
-    torch.testing.assert_close(resumed.net.weight, reference.net.weight, atol=1e-6, rtol=0)
+    assert_epoch_boundary_resume_is_exact(data, tmp_path)
