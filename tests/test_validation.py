@@ -156,9 +156,9 @@ BAD_ARGUMENTS = [
     ),
     (
         lambda: cmae(decoder_dim=30, decoder_heads=4),
-        r"^CMAEModule\(decoder_dim=30, decoder_heads=4\): the decoder width must be divisible by its number of "
-        r"attention heads$",
+        r"^CMAEModule\(decoder_dim=30, decoder_heads=4\): decoder_dim must be a multiple of decoder_heads$",
     ),
+    (lambda: cmae(init="xavier"), r"^CMAEModule\(init='xavier'\): must be one of 'official', 'timm'$"),
     (lambda: cmae(momentum=1.01), r"^CMAEModule\(momentum=1\.01\): an EMA momentum must be in \[0, 1\]"),
     (
         lambda: cmae(masking=FixedCount(4, 16)),

@@ -29,12 +29,16 @@ __all__ = [
     "checked_normalization",
     "eval_views",
     "load_method_state",
+    "pick_encoder",
     "rename_state_prefix",
     "restore_optim",
     "save_method_state",
     "store_optim",
     "sync_batchnorm_on_gpus",
 ]
+
+
+_M = TypeVar("_M", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,14 @@ def checked_normalization(
 def eval_views(image_size: int) -> EvalView:
     """The validation and kNN transform of every method: a centre crop of 87.5% (none below 64 px)."""
     return EvalView(size=image_size, crop_fraction=0.875 if image_size >= 64 else 1.0)
+
+
+def pick_encoder(module: nn.Module, which: str, **encoders: _M) -> _M:
+    """``encoders[which]``: what a method's ``encoder(which)`` returns; another name is a ValueError naming them."""
+    if which not in encoders:
+        offered = " and ".join(map(repr, encoders))
+        raise ValueError(f"{type(module).__name__}.encoder(which={which!r}): this module has {offered}")
+    return encoders[which]
 
 
 class MaskDraws:
@@ -204,9 +216,6 @@ def load_method_state(
             continue
         stream.load_state_dict(meta[name])
     return meta
-
-
-_M = TypeVar("_M", bound=nn.Module)
 
 
 def sync_batchnorm_on_gpus(trainer: Any, module: _M) -> _M:

@@ -12,9 +12,12 @@ from typing import Any
 from lightning_mim.masking import MaskGenerator
 
 __all__ = [
+    "check_choice",
     "check_contrastive_batch",
     "check_crop_scale",
+    "check_divisible",
     "check_input_size",
+    "check_loss_weights",
     "check_mask_count",
     "check_mask_grid",
     "check_momenta",
@@ -37,6 +40,29 @@ def check_non_negative(owner: str, **values: float) -> None:
     for name, value in values.items():
         if not value >= 0:
             raise ValueError(f"{owner}({name}={value}): must be >= 0")
+
+
+def check_loss_weights(owner: str, **weights: float) -> None:
+    """The weights of a loss's terms: each >= 0, and not all 0 (the loss would be 0)."""
+    check_non_negative(owner, **weights)
+    if not any(weight > 0 for weight in weights.values()):
+        given = ", ".join(f"{name}={weight:g}" for name, weight in weights.items())
+        raise ValueError(f"{owner}({given}): the loss would be 0; give one a weight > 0")
+
+
+def check_divisible(owner: str, **pair: int) -> None:
+    """The first of two values must be a multiple of the second, e.g. a width and its attention heads."""
+    (name, value), (divisor_name, divisor) = pair.items()
+    if value % divisor:
+        given = f"{name}={value}, {divisor_name}={divisor}"
+        raise ValueError(f"{owner}({given}): {name} must be a multiple of {divisor_name}")
+
+
+def check_choice(owner: str, choices: Sequence[str], **values: str) -> None:
+    """Each value must be one of ``choices``."""
+    for name, value in values.items():
+        if value not in choices:
+            raise ValueError(f"{owner}({name}={value!r}): must be one of {', '.join(map(repr, choices))}")
 
 
 def check_momenta(owner: str, **momenta: float) -> None:

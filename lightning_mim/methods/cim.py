@@ -39,6 +39,7 @@ from lightning_mim.methods._parts import (
     checked_normalization,
     eval_views,
     load_method_state,
+    pick_encoder,
     save_method_state,
     store_optim,
 )
@@ -187,9 +188,7 @@ class CIMModule(pl.LightningModule):
 
     def encoder(self, which: Literal["student"] = "student") -> nn.Module:
         """The pre-trained encoder: the enhancer's timm backbone (generator and tokenizer are dropped)."""
-        if which != "student":
-            raise ValueError(f"{type(self).__name__}.encoder(which={which!r}): CIM has one encoder, 'student'")
-        return self.enhancer.backbone
+        return pick_encoder(self, which, student=self.enhancer.backbone)
 
     default_export = "student"
 

@@ -41,6 +41,7 @@ from lightning_mim.methods._parts import (
     checked_normalization,
     eval_views,
     load_method_state,
+    pick_encoder,
     rename_state_prefix,
     restore_optim,
     save_method_state,
@@ -49,17 +50,23 @@ from lightning_mim.methods._parts import (
 )
 from lightning_mim.methods._validation import (
     check_contrastive_batch,
+    check_divisible,
+    check_loss_weights,
     check_momenta,
-    check_non_negative,
     check_positive,
     check_visible_masking,
 )
-from lightning_mim.methods.settings import CMAE_DECAY_RULE, CMAE_OPTIM, MAE_DECAY_RULE, MAE_OPTIM, default_cmae_masking
-from lightning_mim.nn import BNProjector, MAEDecoder, MaskedViT, freeze_sincos_pos_embed
+from lightning_mim.methods.settings import (
+    CMAE_DECAY_RULE,
+    CMAE_OPTIM,
+    MAE_DECAY_RULE,
+    MAE_OPTIM,
+    default_cmae_masking,
+    mae_encoder,
+)
+from lightning_mim.nn import BNProjector, MAEDecoder
 from lightning_mim.nn.compile import compile_in_place
 from lightning_mim.nn.heads import DecodedImageHead
-from lightning_mim.nn.init import init_mae_vit_
-from lightning_mim.nn.timm_models import TimmArgs
 from lightning_mim.optim import OptimConfig, configure_adamw
 from lightning_mim.patches import patchify
 from lightning_mim.pictures import reconstruction_panels
@@ -77,8 +84,7 @@ class CMAEModule(pl.LightningModule):
     Args:
         backbone: timm ViT name (``vit_small_patch16_224``, ``vit_base_patch16_224``, ...).
         backbone_kwargs: timm arguments (e.g. ``img_size``, ``patch_size``, ``embed_dim``).
-        masking: Mask generator with a fixed count; default 2x2-patch cells at ratio 0.65 (68 of
-            196 patches visible at 224 px).
+        masking: Mask generator with a fixed count; default 2x2-patch cells at ratio 0.65.
         decoder_dim: Width of both decoders (official: 512).
         decoder_depth: Pixel decoder blocks (official: 8).
         feature_decoder_depth: Feature decoder blocks (official: 2).
@@ -88,21 +94,14 @@ class CMAEModule(pl.LightningModule):
         norm_pix: Normalise each target patch (official: True).
         temperature: InfoNCE temperature (official: 0.07); the loss is scaled by 2 * temperature.
         reconstruction_weight: Weight of the pixel loss (official: 1).
-        contrastive_weight: Weight of the contrastive loss (official: 1); 0 builds no target
-            branch and gives MAE.
+        contrastive_weight: Weight of the contrastive loss (official: 1); 0 gives MAE (no target branch).
         momentum: Constant EMA momentum of the target branch (official: 0.996).
-        sync_batchnorm: Synchronise projector/predictor BatchNorm statistics across GPUs (torch's
-            SyncBatchNorm needs CUDA; multi-process CPU runs warn and keep per-rank statistics).
-        init: ``"official"``: the encoder initialisation of CMAE's and MAE's code
-            (:func:`~lightning_mim.nn.init.init_mae_vit_`: xavier-uniform Linears, the patch kernel
-            xavier-uniform as a matrix, class token normal(0.02)); ``"timm"`` keeps timm's. The
-            decoders always take MAE's initialisation.
-        optim: AdamW + warmup-cosine settings; default ``CMAE_OPTIM`` (CMAE's weight-decay rule; for
-            the MAE baseline, ``MAE_OPTIM`` has MAE's, as ``configs/mae_vitb.yaml`` sets).
-        compile: ``torch.compile`` the encoders and decoders in place when training starts
-            (checkpoints unchanged).
-        grad_checkpointing: Recompute the trained encoder's blocks in the backward pass (activation
-            checkpointing): much less activation memory for about a third more compute (ViT-L).
+        sync_batchnorm: Synchronise the projector/predictor BatchNorms across GPUs (CPU runs: per-rank statistics).
+        init: ``"official"``: the encoder initialisation of MAE's code (:func:`~lightning_mim.nn.init.init_mae_vit_`);
+            ``"timm"`` keeps timm's. The decoders always take MAE's initialisation.
+        optim: AdamW + warmup-cosine; default ``CMAE_OPTIM`` (the MAE baseline: ``MAE_OPTIM``, MAE's decay rule).
+        compile: ``torch.compile`` the encoders and decoders in place (checkpoints unchanged).
+        grad_checkpointing: Recompute the online encoder's blocks in the backward pass (less memory).
         mean: Normalisation mean (of images in [0, 1]).
         std: Normalisation std.
     """
@@ -137,39 +136,23 @@ class CMAEModule(pl.LightningModule):
         owner = type(self).__name__
         check_positive(owner, temperature=temperature, decoder_dim=decoder_dim, decoder_heads=decoder_heads)
         check_positive(owner, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim)
-        check_non_negative(owner, reconstruction_weight=reconstruction_weight, contrastive_weight=contrastive_weight)
-        if reconstruction_weight == 0 and contrastive_weight == 0:
-            raise ValueError(
-                f"{owner}(reconstruction_weight=0, contrastive_weight=0): the loss would be 0; give one a weight > 0"
-            )
-        if decoder_dim % decoder_heads:
-            raise ValueError(
-                f"{owner}(decoder_dim={decoder_dim}, decoder_heads={decoder_heads}): the decoder width must be "
-                "divisible by its number of attention heads"
-            )
+        check_loss_weights(owner, reconstruction_weight=reconstruction_weight, contrastive_weight=contrastive_weight)
+        check_divisible(owner, decoder_dim=decoder_dim, decoder_heads=decoder_heads)
         check_momenta(owner, momentum=momentum)
         self.mean, self.std = checked_normalization(owner, mean, std)
-        names = TimmArgs(owner, "backbone", "backbone_kwargs")
-        if init not in ("official", "timm"):
-            raise ValueError(f"{owner}(init={init!r}): must be 'official' or 'timm'")
-        self.online_encoder = MaskedViT(backbone, mode="visible", names=names, **(backbone_kwargs or {}))
-        vit = self.online_encoder.vit
-        if init == "official":
-            init_mae_vit_(vit)
-        if vit.pos_embed is None:
-            raise ValueError(f"{backbone!r} has no absolute position embedding to fix to sin-cos")
-        freeze_sincos_pos_embed(vit.pos_embed, self.online_encoder.grid_size)
+        self.online_encoder = mae_encoder(owner, backbone, backbone_kwargs, init)
         grid, width = self.online_encoder.grid_size, self.online_encoder.embed_dim
         self.masking = masking if masking is not None else default_cmae_masking(owner, grid)
         check_visible_masking(owner, self.masking, grid)  # the encoder sees the visible patches only
         self.num_visible = self.masking.num_patches - self.masking.num_masking_patches
-        self.patch_size = int(vit.patch_embed.patch_size[0])
-        self.image_size = int(vit.patch_embed.img_size[0])
+        patch_embed = self.online_encoder.vit.patch_embed
+        self.patch_size, self.image_size = int(patch_embed.patch_size[0]), int(patch_embed.img_size[0])
         self.decoder_dim, self.decoder_heads = decoder_dim, decoder_heads
         self.proj_hidden_dim, self.proj_dim = proj_hidden_dim, proj_dim
         # Decoders and heads come from the hooks before the target branch is copied: a subclass changes both.
         self.pixel_decoder = self.build_decoder(decoder_depth, self.patch_size**2 * 3)
         self.contrastive = contrastive_weight > 0
+        self._method = "cmae" if self.contrastive else "mae"  # its name in checkpoints
         if self.contrastive:
             # The feature decoder outputs encoder-width features so that one projector shape serves
             # both branches (official ViT-B/16: 768 = 16 * 16 * 3, the same layer).
@@ -179,32 +162,16 @@ class CMAEModule(pl.LightningModule):
             self.target_encoder = copy.deepcopy(self.online_encoder).requires_grad_(False)
             self.target_encoder.vit.norm = nn.Identity()  # the target branch has no final norm
             self.target_projector = copy.deepcopy(self.online_heads.projector).requires_grad_(False)
-        self.norm_pix = norm_pix
-        self.temperature = temperature
-        self.reconstruction_weight = reconstruction_weight
-        self.contrastive_weight = contrastive_weight
-        self.momentum = momentum
-        self.sync_batchnorm = sync_batchnorm
-        self.use_compile = compile
+        self.norm_pix, self.temperature, self.momentum = norm_pix, temperature, momentum
+        self.reconstruction_weight, self.contrastive_weight = reconstruction_weight, contrastive_weight
+        self.sync_batchnorm, self.use_compile = sync_batchnorm, compile
         self.online_encoder.set_grad_checkpointing(grad_checkpointing)
         self._masks = MaskDraws(Stream.CMAE_MASKS)
 
     def build_decoder(self, depth: int, out_dim: int) -> nn.Module:
-        """An MAE decoder of ``depth`` blocks from the encoder's visible tokens to ``out_dim`` per patch.
-
-        The pixel decoder (out: P*P*3) and the feature decoder (out: the encoder width).
-        """
-        encoder = self.online_encoder
-        return MAEDecoder(
-            encoder.grid_size,
-            encoder.embed_dim,
-            out_dim,
-            self.decoder_dim,
-            depth,
-            self.decoder_heads,
-            4.0,
-            encoder.num_prefix_tokens,
-        )
+        """An MAE decoder of ``depth`` blocks: visible tokens to ``out_dim`` per patch (pixels P*P*3, or features)."""
+        enc, dim, heads = self.online_encoder, self.decoder_dim, self.decoder_heads
+        return MAEDecoder(enc.grid_size, enc.embed_dim, out_dim, dim, depth, heads, 4.0, enc.num_prefix_tokens)
 
     def build_projector(self, in_dim: int) -> nn.Module:
         """The projector of both branches (the target branch gets a copy): CMAE's 2-layer BatchNorm MLP."""
@@ -233,28 +200,16 @@ class CMAEModule(pl.LightningModule):
         return [(self.online_encoder, self.target_encoder), (self.online_heads.projector, self.target_projector)]
 
     def encoder(self, which: Literal["student", "teacher"] = "student") -> nn.Module:
-        """The online (``"student"``) encoder's timm backbone, which CMAE fine-tunes.
-
-        ``"teacher"``: the target encoder's, an EMA copy without the final norm (not a complete timm
-        model).
-        """
-        if which not in ("student", "teacher") or (which == "teacher" and not self.contrastive):
-            raise ValueError(
-                f"{type(self).__name__}.encoder(which={which!r}): this module has a 'student' encoder"
-                + (" and a 'teacher'" if self.contrastive else "")
-            )
-        return (self.online_encoder if which == "student" else self.target_encoder).vit
+        """The online (``"student"``, fine-tuned) or target (``"teacher"``: EMA, no final norm) timm backbone."""
+        teacher = {"teacher": self.target_encoder.vit} if self.contrastive else {}
+        return pick_encoder(self, which, student=self.online_encoder.vit, **teacher)
 
     default_export = "student"
 
     def export_encoders(self) -> dict[str, EncoderSpec]:
-        """What :func:`lightning_mim.export.to_timm` can write: the online encoder, which CMAE fine-tunes.
-
-        The target encoder has no final norm, so it is not a complete timm model and is not offered.
-        """
-        return {
-            "student": EncoderSpec(self.online_encoder.arch, self.online_encoder.timm_kwargs, self.online_encoder.vit)
-        }
+        """What :func:`lightning_mim.export.to_timm` can write: the online encoder (the target has no final norm)."""
+        online = self.online_encoder
+        return {"student": EncoderSpec(online.arch, online.timm_kwargs, online.vit)}
 
     def configure_callbacks(self) -> list[Callback]:
         if not self.contrastive:
@@ -271,15 +226,10 @@ class CMAEModule(pl.LightningModule):
         if self.contrastive:  # the per-device batch is known only once the loader is built
             check_contrastive_batch(self, "the contrastive loss")
 
-    def _compiled_parts(self) -> list[nn.Module]:
-        parts: list[nn.Module] = [self.online_encoder, self.pixel_decoder]
-        if self.contrastive:
-            parts += [self.target_encoder, self.online_heads.feature_decoder]
-        return parts
-
     def configure_model(self) -> None:
         if self.use_compile:
-            compile_in_place(*self._compiled_parts())
+            branch = [self.target_encoder, self.online_heads.feature_decoder] if self.contrastive else []
+            compile_in_place(self.online_encoder, self.pixel_decoder, *branch)
 
     def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
         trainable = nn.ModuleDict({"encoder": self.online_encoder, "pixel_decoder": self.pixel_decoder})
@@ -326,8 +276,7 @@ class CMAEModule(pl.LightningModule):
     def diagnostics(self, images: Tensor, generator: torch.Generator) -> dict[str, Tensor]:
         """Panels for :class:`~lightning_mim.callbacks.VisualDiagnostics`: input, mask, reconstruction.
 
-        Visible patches as given, masked ones predicted; with ``norm_pix`` the prediction is mapped
-        back with each target patch's own mean and variance, as MAE shows it.
+        With ``norm_pix``, predictions are mapped back with each target patch's mean and variance, as MAE shows it.
         """
         x = normalize(images, self.mean, self.std)
         mask = self.masking(x.shape[0], device=self.device, generator=generator)
@@ -348,7 +297,3 @@ class CMAEModule(pl.LightningModule):
         load_method_state(checkpoint, self._method, {"mask_stream": self._masks})
         rename_state_prefix(checkpoint.get("state_dict", {}), "encoder.", "online_encoder.")  # written before 0.3
         self.optim = restore_optim(self, self.optim, checkpoint)
-
-    @property
-    def _method(self) -> str:
-        return "cmae" if self.contrastive else "mae"

@@ -40,6 +40,7 @@ from lightning_mim.methods._parts import (
     checked_normalization,
     eval_views,
     load_method_state,
+    pick_encoder,
     restore_optim,
     save_method_state,
     store_optim,
@@ -210,9 +211,7 @@ class ConMIMModule(pl.LightningModule):
         return self._masked_encoder(which).vit
 
     def _masked_encoder(self, which: str) -> MaskedViT:
-        if which not in ("student", "teacher"):
-            raise ValueError(f"{type(self).__name__}.encoder(which={which!r}): must be 'student' or 'teacher'")
-        return (self.student if which == "student" else self.teacher).encoder
+        return pick_encoder(self, which, student=self.student.encoder, teacher=self.teacher.encoder)
 
     @property
     def default_export(self) -> str:

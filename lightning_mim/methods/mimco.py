@@ -36,6 +36,7 @@ from lightning_mim.methods._parts import (
     checked_normalization,
     eval_views,
     load_method_state,
+    pick_encoder,
     restore_optim,
     save_method_state,
     store_optim,
@@ -203,9 +204,7 @@ class MimCoModule(pl.LightningModule):
 
     def encoder(self, which: Literal["student"] = "student") -> nn.Module:
         """The student's timm backbone (the teacher is stage 1's MoCo v3 encoder, frozen)."""
-        if which != "student":
-            raise ValueError(f"{type(self).__name__}.encoder(which={which!r}): MimCo trains one encoder, 'student'")
-        return self.student.vit
+        return pick_encoder(self, which, student=self.student.vit)
 
     def train_views(self) -> MAEViews:
         """DEFAULT view: random resized crop (scale (0.2, 1)) + flip, shared by student and teacher."""

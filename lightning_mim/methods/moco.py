@@ -38,12 +38,13 @@ from lightning_mim.methods._parts import (
     checked_normalization,
     eval_views,
     load_method_state,
+    pick_encoder,
     restore_optim,
     save_method_state,
     store_optim,
     sync_batchnorm_on_gpus,
 )
-from lightning_mim.methods._validation import check_contrastive_batch, check_momenta, check_positive
+from lightning_mim.methods._validation import check_choice, check_contrastive_batch, check_momenta, check_positive
 from lightning_mim.methods.settings import MOCOV3_OPTIM, MOCOV3_VIT_HEADS
 from lightning_mim.methods.teachers import add_predictor_bn_statistics, check_encoder_args, mocov3_backbone_kwargs
 from lightning_mim.nn import BNProjector, freeze_sincos_pos_embed
@@ -122,8 +123,7 @@ class MoCoV3Module(pl.LightningModule):
         self.save_hyperparameters(ignore=["optim"])
         self.optim = store_optim(self, optim)
         owner = type(self).__name__
-        if init not in ("official", "timm"):
-            raise ValueError(f"{owner}(init={init!r}): must be 'official' or 'timm'")
+        check_choice(owner, ("official", "timm"), init=init)
         check_positive(owner, temperature=temperature, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim)
         check_momenta(owner, momentum=momentum, final_momentum=final_momentum)
         self.mean, self.std = checked_normalization(owner, mean, std)
@@ -169,9 +169,7 @@ class MoCoV3Module(pl.LightningModule):
     # ----------------------------------------------------------------------------------- parts
     def encoder(self, which: Literal["student", "teacher"] = "student") -> nn.Module:
         """The base (``"student"``) or momentum (``"teacher"``) encoder, a timm ViT; MimCo's teacher is the base one."""
-        if which not in ("student", "teacher"):
-            raise ValueError(f"{type(self).__name__}.encoder(which={which!r}): must be 'student' or 'teacher'")
-        return (self.base if which == "student" else self.momentum_branch).encoder
+        return pick_encoder(self, which, student=self.base.encoder, teacher=self.momentum_branch.encoder)
 
     @property
     def projector(self) -> nn.Module:

@@ -11,6 +11,11 @@ import dataclasses
 from typing import Any
 
 from lightning_mim.masking import GridMasking
+from lightning_mim.methods._validation import check_choice
+from lightning_mim.nn.init import init_mae_vit_
+from lightning_mim.nn.masked_vit import MaskedViT
+from lightning_mim.nn.pos_embed import freeze_sincos_pos_embed
+from lightning_mim.nn.timm_models import TimmArgs
 from lightning_mim.optim import DECAY_ALL, OptimConfig, WeightDecayRule
 
 # ---- conmim
@@ -67,6 +72,23 @@ MAE_DECAY_RULE = WeightDecayRule(one_dim=True, bias=True, module_hooks=False)
 
 #: MAE's recipe, for ``CMAEModule(contrastive_weight=0)``: as ``CMAE_OPTIM`` but with ``MAE_DECAY_RULE``.
 MAE_OPTIM = dataclasses.replace(CMAE_OPTIM, decay_rule=MAE_DECAY_RULE)
+
+
+def mae_encoder(owner: str, backbone: str, backbone_kwargs: dict[str, Any] | None, init: str) -> MaskedViT:
+    """MAE's (and CMAE's) encoder on the visible patches, with the fixed sin-cos position table.
+
+    ``init="official"``: MAE's initialisation (:func:`~lightning_mim.nn.init.init_mae_vit_`); ``"timm"``
+    keeps timm's.
+    """
+    check_choice(owner, ("official", "timm"), init=init)
+    names = TimmArgs(owner, "backbone", "backbone_kwargs")
+    encoder = MaskedViT(backbone, mode="visible", names=names, **(backbone_kwargs or {}))
+    if init == "official":
+        init_mae_vit_(encoder.vit)
+    if encoder.vit.pos_embed is None:
+        raise ValueError(f"{owner}(backbone={backbone!r}): has no absolute position embedding to fix to sin-cos")
+    freeze_sincos_pos_embed(encoder.vit.pos_embed, encoder.grid_size)
+    return encoder
 
 
 def default_cmae_masking(owner: str, grid: tuple[int, int]) -> GridMasking:
