@@ -9,10 +9,40 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_mim._rng import CountedStream
-from lightning_mim.methods._parts import load_method_state
-from lightning_mim.nn.timm_models import is_token_model
+from lightning_mim.checkpoint.weights import load_encoder
+from lightning_mim.methods._state import load_method_state
+from lightning_mim.methods._validation import check_positive
+from lightning_mim.nn.timm_models import TimmArgs, is_token_model, timm_family
 
-__all__ = ["accuracy_metrics", "evaluate", "load_step_stream", "random_vit_size"]
+__all__ = ["accuracy_metrics", "evaluate", "load_step_stream", "pretrained_encoder", "random_vit_size"]
+
+
+def pretrained_encoder(
+    owner: str,
+    weights: str | None,
+    arch: str | None,
+    model_kwargs: dict[str, Any] | None,
+    which: str | None,
+    global_pool: str,
+    random_init: bool,
+    *,
+    image_size: int,
+    task_classes: int,
+    **timm_kwargs: Any,
+) -> Any:
+    """:func:`~lightning_mim.checkpoint.weights.load_encoder` for an evaluation protocol, checked first.
+
+    ``owner`` names the module in errors; the task has ``task_classes`` classes (at least 2) and
+    ``image_size`` crops, for which a ViT/BEiT built without weights is built. ``timm_kwargs`` go to
+    ``timm.create_model`` (e.g. ``num_classes`` of the model's own head).
+    """
+    if task_classes < 2:
+        raise ValueError(f"{owner}(num_classes={task_classes}): a classifier needs at least 2 classes")
+    check_positive(owner, image_size=image_size)
+    if arch is not None:
+        timm_family(arch, TimmArgs(owner, "arch", "model_kwargs"))
+        model_kwargs = random_vit_size(weights, arch, model_kwargs, image_size)
+    return load_encoder(weights, arch, model_kwargs, which, global_pool, random_init, **timm_kwargs)
 
 
 def load_step_stream(checkpoint: dict[str, Any], method: str, stream: CountedStream) -> None:

@@ -1,39 +1,31 @@
-"""Plumbing that every method module composes: small pieces, no base class.
+"""Plumbing of a method's steps that every method module composes: small pieces, no base class.
 
-Each piece does one thing that the methods used to write out on their own (and let drift apart):
-the optimiser settings kept in hparams, the normalisation arguments, the evaluation views, the
-masks of training and validation steps, the lightning-mim checkpoint entry, and the typed result of
-``compute_losses``.
+Each piece does one thing that the methods used to write out on their own (and let drift apart): the
+normalisation arguments, the evaluation views, the masks of training and validation steps, the
+``encoder(which)`` choice, and the typed result of ``compute_losses``. What a method keeps in its
+checkpoints is in :mod:`lightning_mim.methods._state`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import lightning.pytorch as pl
 from torch import Tensor, nn
 
 from lightning_mim._rng import CountedStream, Stream, make_generator
-from lightning_mim.checkpoint.meta import read_meta, write_meta
 from lightning_mim.data.views import EvalView
 from lightning_mim.masking import MaskGenerator
 from lightning_mim.methods._validation import check_normalization
-from lightning_mim.optim import OptimConfig, optim_config, resumable_optim
 
 __all__ = [
     "LossTerms",
     "MaskDraws",
     "checked_normalization",
     "eval_views",
-    "load_method_state",
     "pick_encoder",
-    "rename_state_prefix",
-    "restore_optim",
-    "save_method_state",
-    "store_optim",
     "sync_batchnorm_on_gpus",
 ]
 
@@ -81,25 +73,6 @@ class LossTerms:
             if name != "loss":
                 module.log(f"{stage}/{name}", value)
         return total
-
-
-def store_optim(module: pl.LightningModule, optim: OptimConfig | Mapping[str, Any]) -> OptimConfig:
-    """``optim`` as an :class:`OptimConfig`, recorded in ``module.hparams["optim"]`` as plain types.
-
-    Plain types keep checkpoints loadable with ``weights_only=True``; call it after
-    ``save_hyperparameters(ignore=["optim", ...])``.
-    """
-    config = optim_config(optim)
-    module.hparams["optim"] = dataclasses.asdict(config)
-    return config
-
-
-def restore_optim(module: pl.LightningModule, config: OptimConfig, checkpoint: dict[str, Any]) -> OptimConfig:
-    """The optimiser settings a resumed run continues with, recorded in ``module.hparams["optim"]``.
-
-    See :func:`~lightning_mim.optim.resumable_optim`.
-    """
-    return store_optim(module, resumable_optim(config, checkpoint, type(module).__name__))
 
 
 def checked_normalization(
@@ -160,62 +133,6 @@ class MaskDraws:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._counted.load_state_dict(state)
-
-
-class _Stateful(Protocol):
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-def save_method_state(
-    checkpoint: dict[str, Any],
-    method: str,
-    module: Any = None,
-    streams: Mapping[str, _Stateful] | None = None,
-    **entries: Any,
-) -> None:
-    """Writes the lightning-mim entry of a checkpoint being saved.
-
-    The method, its encoders (with a ``module`` that has ``export_encoders()``), its random streams and
-    any further plain-typed ``entries``.
-    """
-    states = {name: stream.state_dict() for name, stream in (streams or {}).items()}
-    write_meta(checkpoint, method, module=module, **states, **entries)
-
-
-def rename_state_prefix(state_dict: dict[str, Any], old: str, new: str) -> None:
-    """Renames, in place, the keys of ``state_dict`` that start with ``old`` to start with ``new``.
-
-    For a submodule renamed since a checkpoint was written; a state dict that has ``new`` keys
-    already is left alone.
-    """
-    if any(key.startswith(new) for key in state_dict):
-        return
-    for key in [k for k in state_dict if k.startswith(old)]:
-        state_dict[new + key[len(old) :]] = state_dict.pop(key)
-
-
-def load_method_state(
-    checkpoint: dict[str, Any],
-    method: str,
-    streams: Mapping[str, _Stateful] | None = None,
-    optional: Sequence[str] = (),
-) -> dict[str, Any]:
-    """Checks that ``method`` wrote the checkpoint and restores its random streams; returns the entry.
-
-    Args:
-        checkpoint: The checkpoint being loaded.
-        method: The method id the checkpoint must carry (another one is a clear ``ValueError``).
-        streams: Entry name -> object with ``load_state_dict`` (a ``MaskDraws``, a ``CountedStream``).
-        optional: Stream entries that older versions did not write (skipped when absent).
-    """
-    meta = read_meta(checkpoint, method)
-    for name, stream in (streams or {}).items():
-        if name in optional and name not in meta:
-            continue
-        stream.load_state_dict(meta[name])
-    return meta
 
 
 def sync_batchnorm_on_gpus(trainer: Any, module: _M) -> _M:

@@ -33,16 +33,8 @@ from lightning_mim.checkpoint.meta import EncoderSpec
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView, MAEViews, normalize
 from lightning_mim.losses import window_normalize
 from lightning_mim.masking import BlockMasking, MaskGenerator
-from lightning_mim.methods._parts import (
-    LossTerms,
-    MaskDraws,
-    checked_normalization,
-    eval_views,
-    load_method_state,
-    pick_encoder,
-    save_method_state,
-    store_optim,
-)
+from lightning_mim.methods._parts import LossTerms, MaskDraws, checked_normalization, eval_views, pick_encoder
+from lightning_mim.methods._state import load_method_state, record_hparams, save_method_state
 from lightning_mim.methods._validation import check_mask_count, check_mask_grid, check_non_negative, check_positive
 from lightning_mim.methods.settings import CIM_OPTIM
 from lightning_mim.methods.tokenizer import frozen_tokenizer
@@ -117,8 +109,7 @@ class CIMModule(pl.LightningModule):
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["tokenizer", "masking", "optim"])
-        self.optim = store_optim(self, optim)
+        self.optim = record_hparams(self, optim, ignore=["tokenizer", "masking"])
         owner = type(self).__name__
         check_positive(owner, temperature=temperature, clip_grad_norm=clip_grad_norm)
         check_non_negative(owner, enhancer_weight=enhancer_weight)

@@ -40,14 +40,10 @@ from lightning_mim.methods._parts import (
     MaskDraws,
     checked_normalization,
     eval_views,
-    load_method_state,
     pick_encoder,
-    rename_state_prefix,
-    restore_optim,
-    save_method_state,
-    store_optim,
     sync_batchnorm_on_gpus,
 )
+from lightning_mim.methods._state import load_method_state, record_hparams, restore_optim, save_method_state
 from lightning_mim.methods._validation import (
     check_contrastive_batch,
     check_divisible,
@@ -131,8 +127,7 @@ class CMAEModule(pl.LightningModule):
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["masking", "optim"])
-        self.optim = store_optim(self, optim)
+        self.optim = record_hparams(self, optim, ignore=["masking"])
         owner = type(self).__name__
         check_positive(owner, temperature=temperature, decoder_dim=decoder_dim, decoder_heads=decoder_heads)
         check_positive(owner, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim)
@@ -294,6 +289,6 @@ class CMAEModule(pl.LightningModule):
         save_method_state(checkpoint, self._method, self, {"mask_stream": self._masks})
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        load_method_state(checkpoint, self._method, {"mask_stream": self._masks})
-        rename_state_prefix(checkpoint.get("state_dict", {}), "encoder.", "online_encoder.")  # written before 0.3
+        renamed = {"encoder.": "online_encoder."}  # the online encoder's name before 0.3
+        load_method_state(checkpoint, self._method, {"mask_stream": self._masks}, renamed=renamed)
         self.optim = restore_optim(self, self.optim, checkpoint)

@@ -34,17 +34,8 @@ from lightning_mim.checkpoint.meta import EncoderSpec
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, ConMIMViews, EvalView, normalize
 from lightning_mim.losses import patch_contrastive_loss
 from lightning_mim.masking import BlockMasking, MaskGenerator
-from lightning_mim.methods._parts import (
-    LossTerms,
-    MaskDraws,
-    checked_normalization,
-    eval_views,
-    load_method_state,
-    pick_encoder,
-    restore_optim,
-    save_method_state,
-    store_optim,
-)
+from lightning_mim.methods._parts import LossTerms, MaskDraws, checked_normalization, eval_views, pick_encoder
+from lightning_mim.methods._state import load_method_state, record_hparams, restore_optim, save_method_state
 from lightning_mim.methods._validation import (
     check_crop_scale,
     check_mask_count,
@@ -143,8 +134,7 @@ class ConMIMModule(pl.LightningModule):
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["masking", "optim"])
-        self.optim = store_optim(self, optim)
+        self.optim = record_hparams(self, optim, ignore=["masking"])
         owner = type(self).__name__
         if eval_encoder not in ("student", "teacher"):
             raise ValueError(f"{owner}(eval_encoder={eval_encoder!r}): must be 'student' or 'teacher'")

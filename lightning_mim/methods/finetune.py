@@ -25,18 +25,12 @@ from timm.loss import SoftTargetCrossEntropy
 from torch import Tensor
 
 from lightning_mim._rng import CountedStream, Stream
-from lightning_mim.checkpoint.weights import load_encoder
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, ClassificationViews, EvalView, normalize
-from lightning_mim.methods._evaluation import accuracy_metrics, evaluate, load_step_stream, random_vit_size
-from lightning_mim.methods._parts import (
-    checked_normalization,
-    eval_views,
-    save_method_state,
-    store_optim,
-)
-from lightning_mim.methods._validation import check_input_size, check_positive
+from lightning_mim.methods._evaluation import accuracy_metrics, evaluate, load_step_stream, pretrained_encoder
+from lightning_mim.methods._parts import checked_normalization, eval_views
+from lightning_mim.methods._state import record_hparams, save_method_state
+from lightning_mim.methods._validation import check_choice, check_input_size, check_positive
 from lightning_mim.methods.settings import FINETUNE_OPTIM
-from lightning_mim.nn.timm_models import TimmArgs, timm_family
 from lightning_mim.optim import OptimConfig, configure_adamw, param_groups, peak_lr, with_schedule
 
 __all__ = ["FINETUNE_OPTIM", "FineTuneModule"]
@@ -92,32 +86,29 @@ class FineTuneModule(pl.LightningModule):
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
-        self._step_stream = CountedStream(Stream.STEPS)
-        self.save_hyperparameters(ignore=["optim"])
-        self.optim = store_optim(self, optim)
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if not 0 <= label_smoothing < 1 or not 0 <= random_erasing <= 1:
-            raise ValueError("label_smoothing must be in [0, 1) and random_erasing in [0, 1]")
-        if optimizer not in ("adamw", "lamb"):
-            raise ValueError(f"optimizer must be 'adamw' or 'lamb', got {optimizer!r}")
+        self.optim = record_hparams(self, optim)
         owner = type(self).__name__
+        check_choice(owner, ("adamw", "lamb"), optimizer=optimizer)
+        if not 0 <= label_smoothing < 1:
+            raise ValueError(f"{owner}(label_smoothing={label_smoothing}): must be in [0, 1)")
+        if not 0 <= random_erasing <= 1:
+            raise ValueError(f"{owner}(random_erasing={random_erasing}): a probability must be in [0, 1]")
         if mixup < 0 or cutmix < 0:
             raise ValueError(f"{owner}(mixup={mixup}, cutmix={cutmix}): Beta-distribution alphas must be >= 0")
         if not 0 <= drop_path_rate < 1:
             raise ValueError(f"{owner}(drop_path_rate={drop_path_rate}): a drop probability must be in [0, 1)")
-        check_positive(owner, image_size=image_size, eval_image_size=eval_image_size)
+        check_positive(owner, eval_image_size=eval_image_size)
         self.mean, self.std = checked_normalization(owner, mean, std)
-        if arch is not None:
-            timm_family(arch, TimmArgs(owner, "arch", "model_kwargs"))
-            model_kwargs = random_vit_size(weights, arch, model_kwargs, image_size)
-        self.model = load_encoder(
+        self.model = pretrained_encoder(
+            owner,
             weights,
             arch,
             model_kwargs,
             which,
             global_pool,
             random_init,
+            image_size=image_size,
+            task_classes=num_classes,
             num_classes=num_classes,
             drop_path_rate=drop_path_rate,
         )
@@ -136,6 +127,7 @@ class FineTuneModule(pl.LightningModule):
         self.randaugment = randaugment
         self.optimizer = optimizer
         self.accuracy = accuracy_metrics(num_classes)
+        self._step_stream = CountedStream(Stream.STEPS)
 
     _method = "finetune"
 

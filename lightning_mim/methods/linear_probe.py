@@ -22,13 +22,12 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from lightning_mim._rng import CountedStream, Stream
-from lightning_mim.checkpoint.weights import load_encoder
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, ClassificationViews, EvalView, normalize
-from lightning_mim.methods._evaluation import accuracy_metrics, evaluate, load_step_stream, random_vit_size
-from lightning_mim.methods._parts import checked_normalization, eval_views, save_method_state, store_optim
-from lightning_mim.methods._validation import check_input_size, check_positive
+from lightning_mim.methods._evaluation import accuracy_metrics, evaluate, load_step_stream, pretrained_encoder
+from lightning_mim.methods._parts import checked_normalization, eval_views
+from lightning_mim.methods._state import record_hparams, save_method_state
+from lightning_mim.methods._validation import check_choice, check_input_size
 from lightning_mim.methods.settings import LINEAR_OPTIM
-from lightning_mim.nn.timm_models import TimmArgs, timm_family
 from lightning_mim.optim import OptimConfig, param_groups, peak_lr, with_schedule
 
 __all__ = ["LINEAR_OPTIM", "LinearProbeModule"]
@@ -67,21 +66,23 @@ class LinearProbeModule(pl.LightningModule):
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
-        self._step_stream = CountedStream(Stream.STEPS)
-        self.save_hyperparameters(ignore=["optim"])
-        self.optim = store_optim(self, optim)
-        if pool not in ("cls", "mean"):
-            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        self.optim = record_hparams(self, optim)
         owner = type(self).__name__
-        if num_classes < 2:
-            raise ValueError(f"{owner}(num_classes={num_classes}): a classifier needs at least 2 classes")
-        check_positive(owner, image_size=image_size)
+        check_choice(owner, ("cls", "mean"), pool=pool)
         self.mean, self.std = checked_normalization(owner, mean, std)
-        if arch is not None:
-            timm_family(arch, TimmArgs(owner, "arch", "model_kwargs"))
-            model_kwargs = random_vit_size(weights, arch, model_kwargs, image_size)
         # "token" pooling keeps the pre-trained final norm on every token; features are pooled below
-        encoder: Any = load_encoder(weights, arch, model_kwargs, which, "token", random_init, num_classes=0)
+        encoder = pretrained_encoder(
+            owner,
+            weights,
+            arch,
+            model_kwargs,
+            which,
+            "token",
+            random_init,
+            image_size=image_size,
+            task_classes=num_classes,
+            num_classes=0,  # no timm head: features only
+        )
         check_input_size(owner, encoder, image_size=image_size)
         self.encoder = encoder.requires_grad_(False).eval()
         self.is_transformer = isinstance(encoder, (VisionTransformer, Beit))
@@ -93,6 +94,7 @@ class LinearProbeModule(pl.LightningModule):
         self.pool = pool
         self.image_size = image_size
         self.accuracy = accuracy_metrics(num_classes)
+        self._step_stream = CountedStream(Stream.STEPS)
 
     _method = "linear_probe"
 

@@ -30,17 +30,8 @@ from lightning_mim.checkpoint.meta import EncoderSpec
 from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView, MAEViews, normalize
 from lightning_mim.losses import info_nce, patch_contrastive_loss
 from lightning_mim.masking import MaskGenerator, RandomMasking
-from lightning_mim.methods._parts import (
-    LossTerms,
-    MaskDraws,
-    checked_normalization,
-    eval_views,
-    load_method_state,
-    pick_encoder,
-    restore_optim,
-    save_method_state,
-    store_optim,
-)
+from lightning_mim.methods._parts import LossTerms, MaskDraws, checked_normalization, eval_views, pick_encoder
+from lightning_mim.methods._state import load_method_state, record_hparams, restore_optim, save_method_state
 from lightning_mim.methods._validation import (
     check_contrastive_batch,
     check_mask_count,
@@ -134,8 +125,7 @@ class MimCoModule(pl.LightningModule):
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["masking", "optim"])
-        self.optim = store_optim(self, optim)
+        self.optim = record_hparams(self, optim, ignore=["masking"])
         owner = type(self).__name__
         check_positive(owner, patch_temperature=patch_temperature, image_temperature=image_temperature)
         check_positive(owner, patch_hidden_dim=patch_hidden_dim, proj_hidden_dim=proj_hidden_dim)

@@ -37,13 +37,10 @@ from lightning_mim.methods._parts import (
     LossTerms,
     checked_normalization,
     eval_views,
-    load_method_state,
     pick_encoder,
-    restore_optim,
-    save_method_state,
-    store_optim,
     sync_batchnorm_on_gpus,
 )
+from lightning_mim.methods._state import load_method_state, record_hparams, restore_optim, save_method_state
 from lightning_mim.methods._validation import check_choice, check_contrastive_batch, check_momenta, check_positive
 from lightning_mim.methods.settings import MOCOV3_OPTIM, MOCOV3_VIT_HEADS
 from lightning_mim.methods.teachers import add_predictor_bn_statistics, check_encoder_args, mocov3_backbone_kwargs
@@ -119,9 +116,7 @@ class MoCoV3Module(pl.LightningModule):
         std: Sequence[float] = IMAGENET_STD,
     ) -> None:
         super().__init__()
-        self._step_stream = CountedStream(Stream.STEPS)
-        self.save_hyperparameters(ignore=["optim"])
-        self.optim = store_optim(self, optim)
+        self.optim = record_hparams(self, optim)
         owner = type(self).__name__
         check_choice(owner, ("official", "timm"), init=init)
         check_positive(owner, temperature=temperature, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim)
@@ -153,6 +148,7 @@ class MoCoV3Module(pl.LightningModule):
         self.use_compile = compile
         encoder.set_grad_checkpointing(grad_checkpointing)  # the base encoder (the momentum copy is no-grad)
         self.image_size = int(encoder.patch_embed.img_size[0])
+        self._step_stream = CountedStream(Stream.STEPS)
 
     def build_projector(self, in_dim: int) -> nn.Module:
         """The projector of both branches (the momentum branch gets a copy): MoCo v3's 3-layer BatchNorm MLP."""

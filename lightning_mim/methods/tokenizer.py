@@ -30,7 +30,8 @@ from lightning_mim._rng import CountedStream, Stream
 from lightning_mim.checkpoint.files import load_checkpoint
 from lightning_mim.checkpoint.meta import read_meta
 from lightning_mim.data.views import EvalView, MAEViews
-from lightning_mim.methods._parts import eval_views, load_method_state, save_method_state, store_optim
+from lightning_mim.methods._parts import eval_views
+from lightning_mim.methods._state import load_method_state, record_hparams, save_method_state
 from lightning_mim.methods._validation import check_crop_scale, check_non_negative, check_positive
 from lightning_mim.methods.settings import VQ_TOKENIZER_OPTIM
 from lightning_mim.nn.tokenizer import ImageTokenizer, VQTokenizer
@@ -82,9 +83,7 @@ class VQTokenizerModule(pl.LightningModule):
         optim: OptimConfig = VQ_TOKENIZER_OPTIM,
     ) -> None:
         super().__init__()
-        self._step_stream = CountedStream(Stream.STEPS)
-        self.save_hyperparameters(ignore=["optim"])
-        self.optim = store_optim(self, optim)
+        self.optim = record_hparams(self, optim)
         owner = type(self).__name__
         check_positive(owner, image_size=image_size, downsample=downsample, code_dim=code_dim, hidden_dim=hidden_dim)
         check_non_negative(owner, num_res_blocks=num_res_blocks)
@@ -98,6 +97,7 @@ class VQTokenizerModule(pl.LightningModule):
         self.commitment = commitment
         self.image_size = image_size
         self.crop_scale = check_crop_scale(owner, crop_scale)
+        self._step_stream = CountedStream(Stream.STEPS)
 
     def tokenizer_kwargs(self) -> dict[str, Any]:
         """The :class:`VQTokenizer` arguments, as stored in checkpoints."""
