@@ -7,6 +7,7 @@ masks, the teacher update and the kNN evaluation.
 
     python examples/own_module_with_callbacks.py                 # 100 steps on the bundled images, CPU
     python examples/own_module_with_callbacks.py --max-steps 20
+    python examples/own_module_with_callbacks.py --max-steps 2 --batch-size 32 --train-size 256 --val-size 128
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-steps", type=int, default=100)
     parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--train-size", type=int, default=None, help="first N bundled training images (kNN bank)")
+    parser.add_argument("--val-size", type=int, default=None, help="first N bundled test images (kNN queries)")
     args = parser.parse_args()
     pl.seed_everything(0)
     knn = OnlineKNN(k=20)
@@ -90,7 +94,9 @@ def main() -> None:
             knn,
         ],
     )
-    trainer.fit(FeaturePrediction(), SampleDataModule(batch_size=128, num_workers=1))
+    sizes = {"train_size": args.train_size, "val_size": args.val_size}
+    data = SampleDataModule(batch_size=args.batch_size, num_workers=1, **sizes)
+    trainer.fit(FeaturePrediction(), data)
     for step, accuracy in knn.history:
         print(f"step {step}: kNN top-1 {accuracy:.1f}%")
 
