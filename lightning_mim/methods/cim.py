@@ -119,7 +119,7 @@ class CIMModule(pl.LightningModule):
         if timm_family(enhancer, enhancer_names) != "timm.models.resnet":
             kwargs.setdefault("drop_path_rate", 0.1)
             kwargs.setdefault("init_values", 0.1)
-        self.tokenizer = frozen_tokenizer(tokenizer_ckpt, tokenizer, allow_random_tokenizer)
+        self.tokenizer = frozen_tokenizer(owner, tokenizer_ckpt, tokenizer, allow_random_tokenizer)
         self.enhancer = Enhancer(enhancer, objective, image_size, names=enhancer_names, **kwargs)
         self.image_size = self.enhancer.image_size
         grid = self.enhancer.grid_size

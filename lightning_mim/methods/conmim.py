@@ -37,6 +37,7 @@ from lightning_mim.masking import BlockMasking, MaskGenerator
 from lightning_mim.methods._parts import LossTerms, MaskDraws, checked_normalization, eval_views, pick_encoder
 from lightning_mim.methods._state import load_method_state, record_hparams, restore_optim, save_method_state
 from lightning_mim.methods._validation import (
+    check_choice,
     check_crop_scale,
     check_mask_count,
     check_mask_grid,
@@ -136,10 +137,8 @@ class ConMIMModule(pl.LightningModule):
         super().__init__()
         self.optim = record_hparams(self, optim, ignore=["masking"])
         owner = type(self).__name__
-        if eval_encoder not in ("student", "teacher"):
-            raise ValueError(f"{owner}(eval_encoder={eval_encoder!r}): must be 'student' or 'teacher'")
-        if init not in ("official", "timm"):
-            raise ValueError(f"{owner}(init={init!r}): must be 'official' or 'timm'")
+        check_choice(owner, ("student", "teacher"), eval_encoder=eval_encoder)
+        check_choice(owner, ("official", "timm"), init=init)
         check_positive(
             owner, temperature=temperature, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim, proj_layers=proj_layers
         )

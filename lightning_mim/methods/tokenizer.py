@@ -32,7 +32,7 @@ from lightning_mim.checkpoint.meta import read_meta
 from lightning_mim.data.views import EvalView, MAEViews
 from lightning_mim.methods._parts import eval_views
 from lightning_mim.methods._state import load_method_state, record_hparams, save_method_state
-from lightning_mim.methods._validation import check_crop_scale, check_non_negative, check_positive
+from lightning_mim.methods._validation import check_crop_scale, check_divisible, check_non_negative, check_positive
 from lightning_mim.methods.settings import VQ_TOKENIZER_OPTIM
 from lightning_mim.nn.tokenizer import ImageTokenizer, VQTokenizer
 from lightning_mim.optim import OptimConfig, configure_adamw
@@ -86,11 +86,8 @@ class VQTokenizerModule(pl.LightningModule):
         self.optim = record_hparams(self, optim)
         owner = type(self).__name__
         check_positive(owner, image_size=image_size, downsample=downsample, code_dim=code_dim, hidden_dim=hidden_dim)
-        check_non_negative(owner, num_res_blocks=num_res_blocks)
-        if image_size % downsample:
-            raise ValueError(f"image_size {image_size} is not divisible by downsample {downsample}")
-        if commitment < 0:
-            raise ValueError(f"commitment must be >= 0, got {commitment}")
+        check_non_negative(owner, num_res_blocks=num_res_blocks, commitment=commitment)
+        check_divisible(owner, image_size=image_size, downsample=downsample)
         self.tokenizer = VQTokenizer(
             vocab_size, code_dim, hidden_dim, num_res_blocks, downsample, ema_decay, dead_threshold
         )
@@ -156,25 +153,27 @@ def load_vq_tokenizer(path: str | Path) -> VQTokenizer:
 
 
 _NO_TOKENIZER = (
-    "CIM needs a frozen tokenizer: pass tokenizer_ckpt (a VQTokenizerModule checkpoint, e.g. from "
+    "no tokenizer: CIM needs a frozen one; pass tokenizer_ckpt (a VQTokenizerModule checkpoint, e.g. from "
     "`lightning-mim fit --config configs/quickstart/vq_tokenizer.yaml`), a tokenizer object (e.g. "
     "lightning_mim.nn.DALLETokenizer), or allow_random_tokenizer=True for smoke runs"
 )
 
 
-def frozen_tokenizer(path: str | None, tokenizer: ImageTokenizer | None, allow_random: bool) -> ImageTokenizer:
+def frozen_tokenizer(
+    owner: str, path: str | None, tokenizer: ImageTokenizer | None, allow_random: bool
+) -> ImageTokenizer:
     """CIM's frozen tokenizer (eval mode, no gradients): from a stage-0 checkpoint, a given object, or random.
 
     Raises:
-        ValueError: Both or neither given (and random not allowed).
+        ValueError: Both or neither given (and random not allowed), in the ``Owner(argument=value): why`` form.
     """
     if path is not None and tokenizer is not None:
-        raise ValueError("pass either tokenizer_ckpt or tokenizer, not both")
+        raise ValueError(f"{owner}(tokenizer_ckpt={path!r}, tokenizer={tokenizer!r}): pass one of them, not both")
     if tokenizer is None:
         if path is not None:
             tokenizer = load_vq_tokenizer(Path(path))
         elif allow_random:
             tokenizer = VQTokenizer()
         else:
-            raise ValueError(_NO_TOKENIZER)
+            raise ValueError(f"{owner}(tokenizer_ckpt=None, tokenizer=None): {_NO_TOKENIZER}")
     return tokenizer.requires_grad_(False).eval()
