@@ -14,7 +14,7 @@ from lightning_mim.data.views import normalize
 from lightning_mim.export import to_timm
 from lightning_mim.optim import OptimConfig
 
-from .helpers import TINY_BEIT, cpu_trainer, losses_on_fixed_batch
+from .helpers import TINY_VIT_4X4, cpu_trainer, losses_on_fixed_batch, tiny_conmim
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Co
     """A tiny ConMIM checkpoint after a few steps, and its export folder."""
     tmp = tmp_path_factory.mktemp("pretrained")
     torch.manual_seed(0)
-    module = ConMIMModule(backbone_kwargs=TINY_BEIT, proj_hidden_dim=32, proj_dim=16)
+    module = tiny_conmim(proj_hidden_dim=32, proj_dim=16)
     trainer = cpu_trainer(max_steps=2, limit_val_batches=0, default_root_dir=tmp)
     trainer.fit(module, SampleDataModule(batch_size=8, num_workers=0, train_size=16, val_size=8))
     ckpt = tmp / "conmim.ckpt"
@@ -108,7 +108,7 @@ def test_finetune_uses_layer_decay_and_learns(pretrained) -> None:
     lrs = sorted({round(g["initial_lr"], 8) for g in trainer.optimizers[0].param_groups})
     assert len(lrs) >= 3 and lrs[-1] == pytest.approx(2e-3)  # one lr per depth, the head's the largest
     # timm's layer decay: embeddings at 0.65^(depth + 1), each block one power less, the head at 1
-    assert lrs[0] == pytest.approx(2e-3 * 0.65 ** (TINY_BEIT["depth"] + 1), rel=1e-6)
+    assert lrs[0] == pytest.approx(2e-3 * 0.65 ** (TINY_VIT_4X4["depth"] + 1), rel=1e-6)
     top1 = trainer.callback_metrics["val/top1"].item()
     assert 0.12 < top1 <= 1.0, top1
 
