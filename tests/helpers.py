@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 import lightning.pytorch as pl
 import torch
+from timm.models.beit import Attention as BeitAttention
+from timm.models.vision_transformer import Attention as VitAttention
 from torch import nn
 
 from lightning_mim import CIMModule, CMAEModule, ConMIMModule, MimCoModule, MoCoV3Module, VQTokenizerModule
@@ -76,6 +79,18 @@ def flat(module: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in module.parameters()])
 
 
+def attention_heads(vit: nn.Module) -> int:
+    """The number of attention heads in the first block of a timm ViT or BEiT."""
+    block = cast(nn.Sequential, vit.blocks)[0]
+    return cast(VitAttention | BeitAttention, block.attn).num_heads
+
+
+def forward_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """A timm model's ``forward_features(images)``: every timm model has one, but no typed base class declares it."""
+    method = cast(Callable[[torch.Tensor], torch.Tensor], model.forward_features)
+    return method(images)
+
+
 def losses_on_fixed_batch(
     module: pl.LightningModule, batch: dict[str, torch.Tensor], steps: int, lr: float
 ) -> list[float]:
@@ -84,6 +99,7 @@ def losses_on_fixed_batch(
     losses = []
     for _ in range(steps):
         loss = module.training_step(batch, 0)
+        assert isinstance(loss, torch.Tensor)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -180,6 +196,9 @@ def tiny_vq_tokenizer(**overrides: Any) -> VQTokenizerModule:
     )
     return VQTokenizerModule(**{**defaults, **overrides})
 
+
+#: A pre-training method module (what the export and diagnostics tests build).
+PretrainingModule: TypeAlias = ConMIMModule | MoCoV3Module | MimCoModule | CMAEModule | CIMModule
 
 #: The names ``tiny_method`` accepts.
 TINY_METHODS = ("conmim", "mimco", "mocov3", "vq_tokenizer", "cim", "cmae")

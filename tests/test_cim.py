@@ -88,7 +88,7 @@ def test_revdet_labels_count_a_sample_equal_to_the_original_as_original() -> Non
     assert torch.equal(corrupted[~mask], ids[~mask])
 
 
-def test_revdet_loss_uses_the_replacement_labels() -> None:
+def test_revdet_loss_uses_the_replacement_labels(monkeypatch: pytest.MonkeyPatch) -> None:
     module = tiny_cim(objective="revdet").eval()
     x = images(4)
     mask = module.masking(4, generator=torch.Generator().manual_seed(1))
@@ -100,7 +100,7 @@ def test_revdet_loss_uses_the_replacement_labels() -> None:
     def certain(images_: torch.Tensor, mask_: torch.Tensor) -> torch.Tensor:
         return F.one_hot(ids, module.tokenizer.vocab_size).float() * 1e4
 
-    module.generator.forward = certain  # type: ignore[method-assign]
+    monkeypatch.setattr(module.generator, "forward", certain)
     result = module.compute_losses(x, mask, torch.Generator().manual_seed(0))
     assert result.metrics["replaced_frac"].item() == 0.0
     output = result.outputs["output"]
@@ -167,14 +167,14 @@ def test_bad_arguments_fail_clearly() -> None:
 
 # ------------------------------------------------------------------------------------ training
 @pytest.mark.parametrize("objective", ["respix", "revdet"])
-def test_vit_enhancer_learns_on_a_fixed_batch(objective: str) -> None:
+def test_vit_enhancer_learns_on_a_fixed_batch(objective: str, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     module = tiny_cim(objective=objective)
     batch = {"images": images(8)}
     module.masking = BlockMasking(8, num_masking_patches=32, min_num_patches=4)
     mask = module.masking(8, generator=torch.Generator().manual_seed(0))
-    module.masking = lambda n, device=None, generator=None: mask  # type: ignore[assignment,method-assign]
-    module.log = lambda *a, **k: None  # type: ignore[method-assign]
+    monkeypatch.setattr(module, "masking", lambda n, device=None, generator=None: mask)
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
     losses = losses_on_fixed_batch(module, batch, steps=15, lr=3e-3)
     assert losses[-1] < 0.8 * losses[0], losses
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from lightning_mim import CMAEModule
 from lightning_mim.data import CMAEViews, SampleDataModule
 from lightning_mim.losses import info_nce, masked_patch_mse
 from lightning_mim.masking import BlockMasking, GridMasking, RandomMasking
-from lightning_mim.nn import sincos_2d_pos_embed
+from lightning_mim.nn import MAEDecoder, sincos_2d_pos_embed
 
 from .helpers import cpu_trainer, flat, losses_on_fixed_batch, tiny_cmae
 
@@ -65,11 +66,12 @@ def test_default_structure_is_the_official_one() -> None:
     assert not vit.pos_embed.requires_grad
     assert torch.allclose(vit.pos_embed, sincos_2d_pos_embed((14, 14), 768))
     assert isinstance(module.target_encoder.vit.norm, nn.Identity) and isinstance(vit.norm, nn.LayerNorm)
-    projector = [type(m).__name__ for m in module.online_heads.projector]
-    assert projector == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
-    assert module.online_heads.projector[0].in_features == 768 and module.online_heads.projector[3].bias is None
-    assert module.online_heads.projector[1].eps == 1e-6
-    assert module.pixel_decoder.head.out_features == 768 and module.pixel_decoder.embed.out_features == 512
+    projector = cast(nn.Sequential, module.online_heads.projector)
+    assert [type(m).__name__ for m in projector] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert projector[0].in_features == 768 and projector[3].bias is None
+    assert projector[1].eps == 1e-6
+    decoder = cast(MAEDecoder, module.pixel_decoder)
+    assert decoder.head.out_features == 768 and decoder.embed.out_features == 512
 
 
 def test_encoder_blocks_see_only_visible_tokens() -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import pytest
 import torch
 from timm.models.beit import Beit
+from timm.models.beit import Block as BeitBlock
 from torch import nn
 
 from lightning_mim import ConMIMModule
@@ -30,10 +32,11 @@ def test_default_backbone_is_the_official_beit() -> None:
     vit = module.student.encoder.vit
     assert isinstance(vit, Beit)
     assert vit.pos_embed is None and vit.rel_pos_bias is not None  # shared relative position bias only
-    assert all(block.attn.relative_position_bias_table is None for block in vit.blocks)
-    assert torch.allclose(vit.blocks[0].gamma_1, torch.full((768,), 0.1))  # layer scale 0.1
+    blocks = [cast(BeitBlock, block) for block in vit.blocks]
+    assert all(block.attn.relative_position_bias_table is None for block in blocks)
+    assert torch.allclose(blocks[0].gamma_1, torch.full((768,), 0.1))  # layer scale 0.1
     assert torch.count_nonzero(vit.rel_pos_bias.relative_position_bias_table) == 0  # zero-initialised
-    assert (vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads) == (768, 12, 12)
+    assert (vit.embed_dim, len(blocks), blocks[0].attn.num_heads) == (768, 12, 12)
     assert isinstance(vit.norm, nn.LayerNorm) and isinstance(vit.fc_norm, nn.Identity)  # norm on every token
     assert vit.norm.eps == 1e-6
     masking = module.masking
@@ -43,7 +46,7 @@ def test_default_backbone_is_the_official_beit() -> None:
 
 def test_projector_structure() -> None:
     module = tiny_conmim(proj_hidden_dim=64, proj_dim=32, optim=QUICK)
-    layers = list(module.student.projector)
+    layers = list(cast(nn.Sequential, module.student.projector))
     kinds = [type(layer).__name__ for layer in layers]
     assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
     assert all(layer.bias is None for layer in layers if isinstance(layer, nn.Linear))

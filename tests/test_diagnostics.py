@@ -14,11 +14,11 @@ from torchvision.io import read_image
 from lightning_mim.callbacks import VisualDiagnostics
 from lightning_mim.data import SampleDataModule
 
-from .helpers import TINY_VIT_8X8, cpu_trainer, flat, tiny_cim, tiny_cmae, tiny_conmim, tiny_mimco
+from .helpers import TINY_VIT_8X8, PretrainingModule, cpu_trainer, flat, tiny_cim, tiny_cmae, tiny_conmim, tiny_mimco
 
 PANELS = {"conmim": 3, "cmae": 3, "mimco": 3, "cim_respix": 5, "cim_revdet": 5}
 # Each method's tiny module, with the narrow heads (and, for MimCo, the 8x8 grid) of these tests.
-MODULES: dict[str, Callable[[], pl.LightningModule]] = {
+MODULES: dict[str, Callable[[], PretrainingModule]] = {
     "conmim": lambda: tiny_conmim(proj_hidden_dim=32, proj_dim=16),
     "cmae": lambda: tiny_cmae(decoder_dim=16, proj_hidden_dim=1536, proj_dim=256),  # CMAE's default projector
     "mimco": lambda: tiny_mimco(backbone_kwargs=TINY_VIT_8X8, proj_hidden_dim=32),
@@ -44,6 +44,7 @@ def test_diagnostics_write_grids_and_leave_training_unchanged(method: str, tmp_p
     callback = VisualDiagnostics(every_n_steps=2, num_images=4)
     trainer = fit(module, tmp_path / "diag", [callback])
     assert [p.name for p in callback.written] == ["step_0000000.png", "step_0000002.png"]
+    assert isinstance(trainer.logger, CSVLogger)
     assert all(p.parent == Path(trainer.logger.log_dir) / "diagnostics" for p in callback.written)
     grid = read_image(str(callback.written[-1]))
     # 4 rows of PANELS[method] 32-px panels with 1-px padding
@@ -55,7 +56,7 @@ def test_diagnostics_write_grids_and_leave_training_unchanged(method: str, tmp_p
 
 
 def test_modes_are_restored(tmp_path: Path) -> None:
-    module = MODULES["cim_revdet"]()
+    module = tiny_cim(objective="revdet")
     fit(module, tmp_path, [VisualDiagnostics(every_n_steps=1, num_images=2)])
     assert module.generator.training and module.enhancer.training and not module.tokenizer.training
 

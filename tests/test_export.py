@@ -8,7 +8,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import timm
 import torch
@@ -19,7 +18,9 @@ from lightning_mim.export import create_model, to_timm
 
 from .helpers import (
     TINY_VIT_8X8,
+    PretrainingModule,
     cpu_trainer,
+    forward_features,
     tiny_cim,
     tiny_cim_resnet50,
     tiny_cmae,
@@ -29,7 +30,7 @@ from .helpers import (
 )
 
 # Each method's tiny module, with the narrow heads (and, for MoCo v3 and MimCo, the 8x8 grid) of these tests.
-MODULES: dict[str, Callable[[], pl.LightningModule]] = {
+MODULES: dict[str, Callable[[], PretrainingModule]] = {
     "conmim": lambda: tiny_conmim(proj_hidden_dim=32, proj_dim=16),
     "cmae": lambda: tiny_cmae(decoder_dim=16, proj_hidden_dim=1536, proj_dim=256),  # CMAE's default projector
     "mocov3": lambda: tiny_mocov3(backbone_kwargs=TINY_VIT_8X8, proj_hidden_dim=32),
@@ -39,10 +40,10 @@ MODULES: dict[str, Callable[[], pl.LightningModule]] = {
 }
 
 
-def encoder_features(module: pl.LightningModule, which: str, images: torch.Tensor) -> torch.Tensor:
+def encoder_features(module: PretrainingModule, which: str, images: torch.Tensor) -> torch.Tensor:
     encoder = module.export_encoders()[which].module.eval()
     with torch.no_grad():
-        return encoder.forward_features(images)
+        return forward_features(encoder, images)
 
 
 @pytest.mark.parametrize("method", list(MODULES))
@@ -73,7 +74,7 @@ def test_checkpoint_export_loads_in_timm_with_the_same_features(method: str, tmp
         assert not missing and not unexpected  # the file is exactly the timm encoder
         assert not any(k.startswith(("generator", "tokenizer", "projector", "decoder", "mask_token")) for k in exported)
         with torch.no_grad():
-            timm_features = model.forward_features(images)
+            timm_features = forward_features(model, images)
         assert torch.allclose(timm_features, encoder_features(module, which, images), atol=1e-5)
     # What training monitors (kNN on `embed`) is what the default export gives in timm, pooling included.
     default = to_timm(ckpt, tmp_path / "default")
@@ -95,7 +96,7 @@ def test_export_from_a_module_and_create_model(tmp_path: Path) -> None:
     model = create_model(out).eval()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(model.forward_features(images), encoder_features(module, "teacher", images), atol=1e-5)
+        assert torch.allclose(forward_features(model, images), encoder_features(module, "teacher", images), atol=1e-5)
     classifier = create_model(out, num_classes=10, drop_path_rate=0.1)
     assert classifier.num_classes == 10
 

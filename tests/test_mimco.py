@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
 
 from lightning_mim import MimCoModule
 from lightning_mim.data import SampleDataModule, TwoCropViews
 from lightning_mim.masking import BlockMasking, RandomMasking
 from lightning_mim.methods.mimco import MIMCO_MASK_RATIO
 from lightning_mim.methods.teachers import projector_out_dim
+from lightning_mim.nn import BNProjector
 
 from .helpers import TINY_VIT_4X4, cpu_trainer, flat, losses_on_fixed_batch, tiny_conmim, tiny_mimco, tiny_mocov3
+
+
+def image_heads(module: MimCoModule) -> list[BNProjector]:
+    """The default image head's parts: the projector, then the predictor if there is one."""
+    return [cast(BNProjector, head) for head in cast(nn.Sequential, module.image_head)]
 
 
 def data(**kwargs) -> SampleDataModule:
@@ -64,11 +72,12 @@ def test_student_is_a_mask_token_vit_with_the_default_heads(stage1_ckpt: Path) -
     assert tiny_mimco(teacher_ckpt=str(stage1_ckpt), mask_ratio=0.5).masking.num_masking_patches == 8
     block = BlockMasking(4, num_masking_patches=6, min_num_patches=2)
     assert tiny_mimco(teacher_ckpt=str(stage1_ckpt), masking=block).masking is block  # block masking stays an option
-    kinds = [type(m).__name__ for m in module.patch_head]
-    assert kinds == ["LayerNorm", "Linear", "GELU", "Linear"] and module.patch_head[-1].out_features == 48
+    patch_head = cast(nn.Sequential, module.patch_head)
+    kinds = [type(m).__name__ for m in patch_head]
+    assert kinds == ["LayerNorm", "Linear", "GELU", "Linear"] and patch_head[-1].out_features == 48
     assert torch.allclose(module.student.vit.blocks[0].ls1.gamma, torch.full((48,), 0.1))  # layer scale 0.1
     # DEFAULT image head: MoCo v3's ViT projector (3 layers) + predictor (2), both ending in a non-affine BN
-    projector, predictor = module.image_head
+    projector, predictor = image_heads(module)
     assert [type(m).__name__ for m in predictor] == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
     assert sum(isinstance(m, torch.nn.Linear) for m in projector) == 3 and not projector[-1].affine
     assert module.image_target == "projector" and module.teacher_projector is not None
@@ -76,7 +85,7 @@ def test_student_is_a_mask_token_vit_with_the_default_heads(stage1_ckpt: Path) -
 
 def test_image_head_and_target_are_arguments(stage1_ckpt: Path) -> None:
     module = tiny_mimco(teacher_ckpt=str(stage1_ckpt), image_proj_layers=2, image_pred_layers=0, image_target="cls")
-    (projector,) = module.image_head  # no predictor
+    (projector,) = image_heads(module)  # no predictor
     assert sum(isinstance(m, torch.nn.Linear) for m in projector) == 2
     assert module.teacher_projector is None and projector[-2].out_features == 48  # the teacher's CLS width
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)

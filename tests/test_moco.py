@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import pytest
 import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from lightning_mim import MoCoV3Module
 from lightning_mim.data import SampleDataModule, TwoCropViews
 from lightning_mim.losses import info_nce
 from lightning_mim.nn import sincos_2d_pos_embed
 
-from .helpers import cpu_trainer, flat, losses_on_fixed_batch, tiny_mocov3
+from .helpers import attention_heads, cpu_trainer, flat, losses_on_fixed_batch, tiny_mocov3
 
 
 def batch(size: int = 8) -> dict[str, torch.Tensor]:
@@ -35,23 +38,25 @@ def official_sincos(grid: int, dim: int) -> torch.Tensor:
 
 def test_structure_follows_moco_v3() -> None:
     module = MoCoV3Module(proj_hidden_dim=4096)  # ViT-S/16
-    encoder = module.encoder()
-    assert encoder.blocks[0].attn.num_heads == 12  # the official vit_small (timm's has 6)
+    encoder = cast(VisionTransformer, module.encoder())
+    assert attention_heads(encoder) == 12  # the official vit_small (timm's has 6)
     assert not any(p.requires_grad for p in encoder.patch_embed.parameters())  # frozen random patch projection
-    assert not encoder.pos_embed.requires_grad
-    assert torch.allclose(encoder.pos_embed, official_sincos(14, 384), atol=1e-6)  # rows first, as MoCo v3
-    assert not torch.allclose(encoder.pos_embed, sincos_2d_pos_embed((14, 14), 384))  # MAE's order differs
-    projector = [type(m).__name__ for m in module.projector]
-    assert projector == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
-    assert not module.projector[-1].affine
+    pos_embed = encoder.pos_embed
+    assert pos_embed is not None and not pos_embed.requires_grad
+    assert torch.allclose(pos_embed, official_sincos(14, 384), atol=1e-6)  # rows first, as MoCo v3
+    assert not torch.allclose(pos_embed, sincos_2d_pos_embed((14, 14), 384))  # MAE's order differs
+    projector = cast(nn.Sequential, module.projector)
+    kinds = [type(m).__name__ for m in projector]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert not projector[-1].affine
     # The ViT predictor is _build_mlp(2, 256, 4096, 256) with last_bn=True: it ends in a non-affine BN.
-    predictor = [type(m).__name__ for m in module.predictor]
-    assert predictor == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
-    assert not module.predictor[-1].affine and module.predictor[1].affine
-    assert all(m.bias is None for m in module.predictor if isinstance(m, torch.nn.Linear))
-    assert module.projector[0].out_features == 4096 and module.predictor[3].out_features == 256
-    assert MoCoV3Module(backbone_kwargs={"num_heads": 6}).encoder().blocks[0].attn.num_heads == 6  # timm's ViT-S
-    assert MoCoV3Module(backbone="vit_base_patch16_224", proj_hidden_dim=64).encoder().blocks[0].attn.num_heads == 12
+    predictor = cast(nn.Sequential, module.predictor)
+    assert [type(m).__name__ for m in predictor] == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert not predictor[-1].affine and predictor[1].affine
+    assert all(m.bias is None for m in predictor if isinstance(m, nn.Linear))
+    assert projector[0].out_features == 4096 and predictor[3].out_features == 256
+    assert attention_heads(MoCoV3Module(backbone_kwargs={"num_heads": 6}).encoder()) == 6  # timm's ViT-S
+    assert attention_heads(MoCoV3Module(backbone="vit_base_patch16_224", proj_hidden_dim=64).encoder()) == 12
 
 
 def test_predictor_output_is_standardised_per_dimension_in_train_mode() -> None:
@@ -95,7 +100,7 @@ def test_momentum_branch_gets_no_gradients_and_follows_ema() -> None:
     module = tiny_mocov3()
     module.training_step(batch(), 0).backward()
     assert all(p.grad is None for p in module.momentum_branch.parameters())
-    assert all(p.grad is None for p in module.encoder().patch_embed.parameters())
+    assert all(p.grad is None for p in cast(VisionTransformer, module.encoder()).patch_embed.parameters())
     dm = SampleDataModule(batch_size=8, num_workers=0, train_size=32, val_size=8, train_views=TwoCropViews(32))
     module = tiny_mocov3(momentum=0.0, final_momentum=0.0)
     cpu_trainer(max_steps=2, limit_val_batches=0).fit(module, dm)

@@ -12,12 +12,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import timm
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from lightning_mim import ConMIMModule, MimCoModule, MoCoV3Module
@@ -29,7 +30,7 @@ from lightning_mim.methods.moco import MOCOV3_OPTIM
 from lightning_mim.nn.init import init_mae_vit_, init_mocov3_vit_, trunc_normal_at_one_std_
 from lightning_mim.optim import DECAY_ALL, TIMM_DECAY_RULE, OptimConfig, WeightDecayRule, param_groups
 
-from .helpers import TINY_VIT_4X4, cpu_trainer, tiny_cim, tiny_cmae, tiny_conmim, tiny_mocov3
+from .helpers import TINY_VIT_4X4, attention_heads, cpu_trainer, tiny_cim, tiny_cmae, tiny_conmim, tiny_mocov3
 
 WIDE_8X8 = {**TINY_VIT_4X4, "patch_size": 4}  # CMAE's and CIM's 8x8 grid here, 48 wide
 #: std of a standard normal truncated at +-1: sqrt(1 - 2 phi(1) / (2 Phi(1) - 1))
@@ -226,9 +227,11 @@ def test_mocov3_initialisation_closed_forms(arch: str, patch_std: float) -> None
 
 def test_mocov3_module_applies_the_official_init_by_default() -> None:
     official = MoCoV3Module(proj_hidden_dim=64, proj_dim=16, backbone_kwargs={"depth": 1})
-    assert official.encoder().patch_embed.proj.weight.std().item() == pytest.approx(0.0417, rel=0.03)
+    official_patch = cast(VisionTransformer, official.encoder()).patch_embed.proj
+    assert official_patch.weight.std().item() == pytest.approx(0.0417, rel=0.03)
     timm_init = MoCoV3Module(proj_hidden_dim=64, proj_dim=16, backbone_kwargs={"depth": 1}, init="timm")
-    assert timm_init.encoder().patch_embed.proj.weight.std().item() < 0.03  # timm's conv init: about 0.021
+    timm_patch = cast(VisionTransformer, timm_init.encoder()).patch_embed.proj
+    assert timm_patch.weight.std().item() < 0.03  # timm's conv init: about 0.021
     assert torch.equal(
         torch.cat([p.flatten() for p in official.base.parameters()]),
         torch.cat([p.flatten() for p in official.momentum_branch.parameters()]),
@@ -238,9 +241,9 @@ def test_mocov3_module_applies_the_official_init_by_default() -> None:
 
 
 def test_conmim_initialisation_is_beits_truncated_normal_with_depth_rescaling() -> None:
-    kwargs = {"img_size": 64, "patch_size": 8, "embed_dim": 192, "depth": 3, "num_heads": 3}
+    kwargs: dict[str, Any] = {"img_size": 64, "patch_size": 8, "embed_dim": 192, "depth": 3, "num_heads": 3}
     module = ConMIMModule(backbone_kwargs=kwargs, proj_hidden_dim=512, proj_dim=64)
-    encoder, projector = module.student.encoder, module.student.projector
+    encoder, projector = module.student.encoder, cast(nn.Sequential, module.student.projector)
     std = TRUNC_AT_ONE * 0.02  # 0.0108
 
     def check(weight: torch.Tensor, scale: float = 1.0) -> None:
@@ -268,7 +271,7 @@ def test_conmim_initialisation_is_beits_truncated_normal_with_depth_rescaling() 
 
 
 def test_cmae_encoder_initialisation_is_maes_xavier() -> None:
-    kwargs = {"img_size": 64, "patch_size": 8, "embed_dim": 384, "depth": 2, "num_heads": 6}
+    kwargs: dict[str, Any] = {"img_size": 64, "patch_size": 8, "embed_dim": 384, "depth": 2, "num_heads": 6}
     module = tiny_cmae(
         backbone_kwargs=kwargs, decoder_dim=64, feature_decoder_depth=1, decoder_heads=4, optim=quick(CMAE_OPTIM)
     )
@@ -360,10 +363,10 @@ def test_mocov3_checkpoints_of_version_0_1_resume_and_teach(tmp_path: Path) -> N
     assert trainer.global_step == 2 and module.optim.decay_rule == TIMM_DECAY_RULE  # resumed with its own groups
     assert len(trainer.optimizers[0].param_groups) == 2
     teacher = load_mocov3_teacher(old)  # stage 2 from a 0.1 stage-1 checkpoint
-    assert torch.equal(
-        teacher.predictor[3].weight, torch.load(old, weights_only=True)["state_dict"]["predictor.3.weight"]
-    )
-    assert torch.all(teacher.predictor[4].running_var == 1)
+    predictor = cast(nn.Sequential, teacher.predictor)
+    linear, batch_norm = cast(nn.Linear, predictor[3]), cast(nn.BatchNorm1d, predictor[4])
+    assert torch.equal(linear.weight, torch.load(old, weights_only=True)["state_dict"]["predictor.3.weight"])
+    assert batch_norm.running_var is not None and torch.all(batch_norm.running_var == 1)
 
 
 def test_six_head_vit_s_of_version_0_1_is_not_loaded_as_twelve_heads(tmp_path: Path) -> None:
@@ -376,13 +379,13 @@ def test_six_head_vit_s_of_version_0_1_is_not_loaded_as_twelve_heads(tmp_path: P
     for encoders_entry in (False, True):  # the 0.1.0 release, and later 0.1 checkpoints
         old = _as_version_0_1(saved, drop_heads=True, encoders_entry=encoders_entry)
         teacher = load_mocov3_teacher(old)  # rebuilt with the 6 heads it was trained with
-        assert teacher.encoder().blocks[0].attn.num_heads == 6
+        assert attention_heads(teacher.encoder()) == 6
         assert torch.allclose(teacher.embed(images), written.embed(images), atol=1e-5)
     stage2 = MimCoModule(backbone_kwargs=vit_s, teacher_ckpt=str(old), patch_hidden_dim=32, proj_hidden_dim=64)
     assert stage2.teacher.blocks[0].attn.num_heads == 6
     # A module built with today's default (12 heads) refuses it instead of running it wrongly.
     module = MoCoV3Module(backbone_kwargs=vit_s, proj_hidden_dim=64, proj_dim=16)
-    assert module.encoder().blocks[0].attn.num_heads == 12
+    assert attention_heads(module.encoder()) == 12
     for old in (tmp_path / "v0.1.ckpt", tmp_path / "v0.1.0.ckpt"):
         with pytest.raises(ValueError, match=r"differ in \['num_heads'\].*num_heads: 6"):
             cpu_trainer(max_steps=2, limit_val_batches=0).fit(module, data(train_views=TwoCropViews(32)), ckpt_path=old)

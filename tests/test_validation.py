@@ -15,7 +15,7 @@ import lightning
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mim import (
     ConMIMModule,
@@ -251,9 +251,9 @@ def test_mimco_teacher_must_match_the_student(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ global batch for InfoNCE
-def attach(module: Any, batch_size: int, world_size: int = 1, drop_last: bool = True, size: int = 8) -> Any:
+def attach(module: Any, batch_size: int | None, world_size: int = 1, drop_last: bool = True, size: int = 8) -> Any:
     """``module`` on a stand-in trainer whose training loader has the given batch layout."""
-    loader = DataLoader(list(range(size)), batch_size=batch_size, drop_last=drop_last)
+    loader = DataLoader(TensorDataset(torch.arange(size)), batch_size=batch_size, drop_last=drop_last)
     module.trainer = SimpleNamespace(train_dataloader=loader, world_size=world_size)
     return module
 
