@@ -27,19 +27,21 @@ def info_nce_case(out: str) -> None:
         k = key_all[rank * 4 : (rank + 1) * 4].clone().requires_grad_(key_grad)
         loss = info_nce(q, k, 0.2)
         loss.backward()
+        q_grad, k_grad = q.grad, k.grad
+        assert q_grad is not None and (k_grad is not None) == key_grad
         # One process on 2B averages over 2B queries; each rank averages over its B: scale by 1/world.
         # (Key gradients already hold every rank's contribution, summed by the all-gather backward.)
-        grads = [q.grad] + ([k.grad] if key_grad else [])
-        for grad in grads:
-            grad /= world
+        q_grad /= world
+        if k_grad is not None:
+            k_grad /= world
         losses = [torch.zeros(()) for _ in range(world)]
         dist.all_gather(losses, loss.detach())
         q_grads = [torch.zeros_like(q) for _ in range(world)]
-        dist.all_gather(q_grads, q.grad)
+        dist.all_gather(q_grads, q_grad)
         entry = {"loss": float(sum(losses) / world), "q_grad": torch.cat(q_grads).tolist()}
-        if key_grad:
+        if k_grad is not None:
             k_grads = [torch.zeros_like(k) for _ in range(world)]
-            dist.all_gather(k_grads, k.grad)
+            dist.all_gather(k_grads, k_grad)
             entry["k_grad"] = torch.cat(k_grads).tolist()
         results[str(key_grad)] = entry
     if rank == 0:
@@ -60,7 +62,7 @@ def method_case(out: str, devices: int, method: str) -> None:
     module, teacher = tiny_method(method)
     dm = SampleDataModule(batch_size=8, num_workers=0, train_size=64, val_size=25)
     knn = OnlineKNN(k=5, batch_size=16)
-    callbacks = [knn] if hasattr(module, "embed") else []  # the tokenizer has no features to probe
+    callbacks: list[pl.Callback] = [knn] if hasattr(module, "embed") else []  # the tokenizer has no features to probe
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -75,7 +77,7 @@ def method_case(out: str, devices: int, method: str) -> None:
         callbacks=callbacks,
     )
     trainer.fit(module, dm)
-    tensors = list(teacher.parameters())
+    tensors: list[torch.Tensor] = list(teacher.parameters())
     if method == "vq_tokenizer":  # the EMA codebook is a buffer (teachers' BatchNorm statistics are per rank)
         tensors += [b for b in teacher.buffers() if b.is_floating_point()]
     checksum = float(sum(t.double().sum() for t in tensors))

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.tensor import DTensor
 
+from lightning_mim import ConMIMModule
 from lightning_mim.callbacks import OnlineKNN
 from lightning_mim.data import SampleDataModule
 from tests.helpers import tiny_method
@@ -26,6 +27,7 @@ def full(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def main(strategy_name: str, out: str) -> None:
     pl.seed_everything(0)
     module, _ = tiny_method("conmim", drop_path=0.1)
+    assert isinstance(module, ConMIMModule)
     if strategy_name == "fsdp_checkpointing":  # FSDP2 with activation checkpointing of the student's blocks
         module.student.encoder.vit.set_grad_checkpointing(True)
     sharded = strategy_name.startswith("fsdp")

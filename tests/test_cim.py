@@ -8,34 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_mim import CIMModule
 from lightning_mim.data import SampleDataModule
 from lightning_mim.losses import window_normalize
 from lightning_mim.masking import BlockMasking
 from lightning_mim.methods.cim import sample_tokens
 from lightning_mim.nn import VQTokenizer
 
-from .helpers import cpu_trainer, losses_on_fixed_batch
-
-TINY_VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
-
-
-def tiny_tokenizer() -> VQTokenizer:
-    torch.manual_seed(0)
-    return VQTokenizer(vocab_size=32, code_dim=8, hidden_dim=16, num_res_blocks=1, downsample=4)
-
-
-def tiny(objective: str = "respix", **kwargs) -> CIMModule:
-    defaults = dict(
-        enhancer="vit_small_patch16_224",
-        enhancer_kwargs=TINY_VIT,
-        objective=objective,
-        tokenizer=tiny_tokenizer(),
-        generator_kwargs={"depth": 1},
-        masking=BlockMasking(8, num_masking_patches=32, min_num_patches=4),
-        window=4,
-    )
-    return CIMModule(**{**defaults, **kwargs})
+from .helpers import TINY_VIT_8X8, cpu_trainer, losses_on_fixed_batch, tiny_cim, tiny_cim_resnet50, tiny_cmae
 
 
 def images(size: int = 8, side: int = 32) -> torch.Tensor:
@@ -109,8 +88,8 @@ def test_revdet_labels_count_a_sample_equal_to_the_original_as_original() -> Non
     assert torch.equal(corrupted[~mask], ids[~mask])
 
 
-def test_revdet_loss_uses_the_replacement_labels() -> None:
-    module = tiny("revdet").eval()
+def test_revdet_loss_uses_the_replacement_labels(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = tiny_cim(objective="revdet").eval()
     x = images(4)
     mask = module.masking(4, generator=torch.Generator().manual_seed(1))
     # make the generator certain of the original ids: nothing is replaced, all labels are 0
@@ -121,7 +100,7 @@ def test_revdet_loss_uses_the_replacement_labels() -> None:
     def certain(images_: torch.Tensor, mask_: torch.Tensor) -> torch.Tensor:
         return F.one_hot(ids, module.tokenizer.vocab_size).float() * 1e4
 
-    module.generator.forward = certain  # type: ignore[method-assign]
+    monkeypatch.setattr(module.generator, "forward", certain)
     result = module.compute_losses(x, mask, torch.Generator().manual_seed(0))
     assert result.metrics["replaced_frac"].item() == 0.0
     output = result.outputs["output"]
@@ -133,7 +112,7 @@ def test_revdet_loss_uses_the_replacement_labels() -> None:
 # ------------------------------------------------------------------------- gradient isolation
 @pytest.mark.parametrize("objective", ["respix", "revdet"])
 def test_enhancer_loss_sends_no_gradient_to_the_generator(objective: str) -> None:
-    module = tiny(objective)
+    module = tiny_cim(objective=objective)
     mask = module.masking(4, generator=torch.Generator().manual_seed(0))
     terms = module.compute_losses(images(4), mask, torch.Generator().manual_seed(0)).terms
     generator_params = list(module.generator.parameters())
@@ -147,7 +126,7 @@ def test_enhancer_loss_sends_no_gradient_to_the_generator(objective: str) -> Non
 
 
 def test_generator_loss_is_cross_entropy_over_masked_tokens_only() -> None:
-    module = tiny().eval()
+    module = tiny_cim().eval()
     x = images(2)
     mask = module.masking(2, generator=torch.Generator().manual_seed(3))
     terms = module.compute_losses(x, mask, torch.Generator().manual_seed(0)).terms
@@ -166,36 +145,36 @@ def test_generator_loss_is_cross_entropy_over_masked_tokens_only() -> None:
 # ------------------------------------------------------------------------------ configuration
 def test_a_tokenizer_is_required() -> None:
     with pytest.raises(ValueError, match="tokenizer_ckpt"):
-        tiny(tokenizer=None)
+        tiny_cim(tokenizer=None)
     with pytest.raises(FileNotFoundError, match="vq_tokenizer"):
-        tiny(tokenizer=None, tokenizer_ckpt="/nonexistent/last.ckpt")
-    module = tiny(tokenizer=None, allow_random_tokenizer=True, generator_kwargs={"depth": 1})
+        tiny_cim(tokenizer=None, tokenizer_ckpt="/nonexistent/last.ckpt")
+    module = tiny_cim(tokenizer=None, allow_random_tokenizer=True, generator_kwargs={"depth": 1})
     assert isinstance(module.tokenizer, VQTokenizer) and module.tokenizer_size == 8 * 8
 
 
 def test_bad_arguments_fail_clearly() -> None:
     with pytest.raises(ValueError, match="temperature"):
-        tiny(temperature=0.0)
+        tiny_cim(temperature=0.0)
     with pytest.raises(ValueError, match="objective"):
-        tiny("inpaint")
+        tiny_cim(objective="inpaint")
     with pytest.raises(ValueError, match=r"its grid \(14, 14\) does not match the token grid \(8, 8\)"):
-        tiny(masking=BlockMasking(14))
+        tiny_cim(masking=BlockMasking(14))
     with pytest.raises(TypeError, match="ViT, BEiT or ResNet"):
-        tiny(enhancer="convnext_tiny", enhancer_kwargs={})
+        tiny_cim(enhancer="convnext_tiny", enhancer_kwargs={})
     with pytest.raises(ValueError, match="divisible by 32"):
-        tiny(enhancer="resnet18", enhancer_kwargs={}, image_size=48)
+        tiny_cim(enhancer="resnet18", enhancer_kwargs={}, image_size=48)
 
 
 # ------------------------------------------------------------------------------------ training
 @pytest.mark.parametrize("objective", ["respix", "revdet"])
-def test_vit_enhancer_learns_on_a_fixed_batch(objective: str) -> None:
+def test_vit_enhancer_learns_on_a_fixed_batch(objective: str, monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
-    module = tiny(objective)
+    module = tiny_cim(objective=objective)
     batch = {"images": images(8)}
     module.masking = BlockMasking(8, num_masking_patches=32, min_num_patches=4)
     mask = module.masking(8, generator=torch.Generator().manual_seed(0))
-    module.masking = lambda n, device=None, generator=None: mask  # type: ignore[assignment,method-assign]
-    module.log = lambda *a, **k: None  # type: ignore[method-assign]
+    monkeypatch.setattr(module, "masking", lambda n, device=None, generator=None: mask)
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)
     losses = losses_on_fixed_batch(module, batch, steps=15, lr=3e-3)
     assert losses[-1] < 0.8 * losses[0], losses
 
@@ -203,15 +182,7 @@ def test_vit_enhancer_learns_on_a_fixed_batch(objective: str) -> None:
 @pytest.mark.parametrize("objective", ["respix", "revdet"])
 def test_resnet50_enhancer_trains_both_objectives(objective: str) -> None:
     torch.manual_seed(0)
-    module = CIMModule(
-        enhancer="resnet50",
-        objective=objective,
-        image_size=64,
-        tokenizer=tiny_tokenizer(),
-        generator_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2},
-        masking=BlockMasking(4, num_masking_patches=8, min_num_patches=2),
-        window=4,
-    )
+    module = tiny_cim_resnet50(objective=objective)
     assert module.enhancer.grid_size == (4, 4) and module.tokenizer_size == 16
     out = module.enhancer(torch.randn(2, 3, 64, 64))
     assert out.shape == ((2, 16) if objective == "revdet" else (2, 3, 64, 64))
@@ -227,7 +198,7 @@ def test_resnet50_enhancer_trains_both_objectives(objective: str) -> None:
 
 
 def test_tokenizer_stays_frozen_through_training() -> None:
-    module = tiny()
+    module = tiny_cim()
     tokenizer_before = {k: v.clone() for k, v in module.tokenizer.state_dict().items()}
     generator_before = {k: v.clone() for k, v in module.generator.state_dict().items()}
     trainer = cpu_trainer(max_steps=3, limit_val_batches=1, val_check_interval=3)
@@ -243,23 +214,21 @@ def test_tokenizer_stays_frozen_through_training() -> None:
 
 
 def test_checkpoint_of_another_method_is_refused(tmp_path) -> None:
-    from lightning_mim import CMAEModule
-
-    other = CMAEModule("vit_small_patch16_224", TINY_VIT, decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    other = tiny_cmae(decoder_dim=16, proj_hidden_dim=1536, proj_dim=256)  # CMAE's default projector
     trainer = cpu_trainer(max_steps=1, limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(other, SampleDataModule(batch_size=4, num_workers=0, train_size=4, val_size=4))
     trainer.save_checkpoint(tmp_path / "cmae.ckpt")
     with pytest.raises(ValueError, match="not a CIM checkpoint"):
-        tiny().on_load_checkpoint(torch.load(tmp_path / "cmae.ckpt", weights_only=True))
+        tiny_cim().on_load_checkpoint(torch.load(tmp_path / "cmae.ckpt", weights_only=True))
     with pytest.raises(ValueError, match="not a VQ tokenizer checkpoint"):
-        tiny(tokenizer=None, tokenizer_ckpt=str(tmp_path / "cmae.ckpt"))
+        tiny_cim(tokenizer=None, tokenizer_ckpt=str(tmp_path / "cmae.ckpt"))
 
 
 def test_encoder_is_the_enhancer_backbone_only() -> None:
-    module = tiny()
+    module = tiny_cim()
     keys = set(module.encoder().state_dict())
     assert keys and not any(k.startswith(("head", "generator", "tokenizer")) for k in keys)
     import timm
 
-    reference = timm.create_model("vit_small_patch16_224", num_classes=0, init_values=0.1, **TINY_VIT)
+    reference = timm.create_model("vit_small_patch16_224", num_classes=0, init_values=0.1, **TINY_VIT_8X8)
     assert keys == set(reference.state_dict())

@@ -166,7 +166,7 @@ def test_quickstart_runs_a_few_steps(quickstart: str, tmp_path: Path, monkeypatc
         assert torch.isfinite(metrics["train/loss_rec"]) and torch.isfinite(metrics["train/loss_con"])
         total = metrics["train/loss_rec"] + metrics["train/loss_con"]
         assert torch.allclose(metrics["train/loss"], total, atol=1e-4)
-    knn = next(c for c in cli.trainer.callbacks if type(c).__name__ == "OnlineKNN")
+    knn = next(c for c in cli.trainer.callbacks if type(c).__name__ == "OnlineKNN")  # type: ignore[attr-defined]
     assert len(knn.history) == 2 and all(10.0 <= acc <= 100.0 for _, acc in knn.history)
 
 
@@ -203,7 +203,7 @@ def test_cim_quickstart_two_stages(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         assert torch.isfinite(metrics[key]), key
     tokenizer = torch.load(ckpt, weights_only=True)["state_dict"]
     assert all(torch.equal(v, tokenizer[f"tokenizer.{k}"]) for k, v in cli.model.tokenizer.state_dict().items())
-    knn = next(c for c in cli.trainer.callbacks if type(c).__name__ == "OnlineKNN")
+    knn = next(c for c in cli.trainer.callbacks if type(c).__name__ == "OnlineKNN")  # type: ignore[attr-defined]
     assert len(knn.history) == 2
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import pytest
 import torch
@@ -12,24 +13,9 @@ from lightning_mim import CMAEModule
 from lightning_mim.data import CMAEViews, SampleDataModule
 from lightning_mim.losses import info_nce, masked_patch_mse
 from lightning_mim.masking import BlockMasking, GridMasking, RandomMasking
-from lightning_mim.nn import sincos_2d_pos_embed
+from lightning_mim.nn import MAEDecoder, sincos_2d_pos_embed
 
-from .helpers import cpu_trainer, flat, losses_on_fixed_batch
-
-TINY_VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
-
-
-def tiny(**kwargs) -> CMAEModule:
-    defaults = dict(
-        backbone="vit_small_patch16_224",
-        backbone_kwargs=TINY_VIT,
-        decoder_dim=32,
-        decoder_depth=1,
-        decoder_heads=2,
-        proj_hidden_dim=64,
-        proj_dim=16,
-    )
-    return CMAEModule(**{**defaults, **kwargs})
+from .helpers import cpu_trainer, flat, losses_on_fixed_batch, tiny_cmae
 
 
 def batch(size: int = 8) -> dict[str, torch.Tensor]:
@@ -80,15 +66,16 @@ def test_default_structure_is_the_official_one() -> None:
     assert not vit.pos_embed.requires_grad
     assert torch.allclose(vit.pos_embed, sincos_2d_pos_embed((14, 14), 768))
     assert isinstance(module.target_encoder.vit.norm, nn.Identity) and isinstance(vit.norm, nn.LayerNorm)
-    projector = [type(m).__name__ for m in module.online_heads.projector]
-    assert projector == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
-    assert module.online_heads.projector[0].in_features == 768 and module.online_heads.projector[3].bias is None
-    assert module.online_heads.projector[1].eps == 1e-6
-    assert module.pixel_decoder.head.out_features == 768 and module.pixel_decoder.embed.out_features == 512
+    projector = cast(nn.Sequential, module.online_heads.projector)
+    assert [type(m).__name__ for m in projector] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert projector[0].in_features == 768 and projector[3].bias is None
+    assert projector[1].eps == 1e-6
+    decoder = cast(MAEDecoder, module.pixel_decoder)
+    assert decoder.head.out_features == 768 and decoder.embed.out_features == 512
 
 
 def test_encoder_blocks_see_only_visible_tokens() -> None:
-    module = tiny()
+    module = tiny_cmae()
     seen: list[int] = []
     module.online_encoder.vit.blocks[0].register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
     module.training_step(batch(), 0)
@@ -97,7 +84,7 @@ def test_encoder_blocks_see_only_visible_tokens() -> None:
 
 
 def test_target_branch_gets_no_gradients_and_decoders_are_not_averaged() -> None:
-    module = tiny()
+    module = tiny_cmae()
     module.training_step(batch(), 0).backward()
     assert all(p.grad is None for p in module.target_encoder.parameters())
     assert all(p.grad is None for p in module.target_projector.parameters())
@@ -110,11 +97,11 @@ def test_target_branch_gets_no_gradients_and_decoders_are_not_averaged() -> None
 
 def test_target_moves_only_by_ema() -> None:
     dm = SampleDataModule(batch_size=8, num_workers=0, train_size=32, val_size=8, train_views=CMAEViews(32, shift=4))
-    module = tiny(momentum=1.0)
+    module = tiny_cmae(momentum=1.0)
     target0 = flat(module.target_encoder).clone()
     cpu_trainer(max_steps=3, limit_val_batches=0).fit(module, dm)
     assert torch.equal(flat(module.target_encoder), target0)  # momentum 1: frozen while the encoder trains
-    module = tiny(momentum=0.0)
+    module = tiny_cmae(momentum=0.0)
     cpu_trainer(max_steps=2, limit_val_batches=0).fit(module, dm)
     online = dict(module.online_encoder.named_parameters())
     for name, param in module.target_encoder.named_parameters():
@@ -124,7 +111,7 @@ def test_target_moves_only_by_ema() -> None:
 
 def test_logs_both_terms_and_learns_on_a_fixed_batch() -> None:
     torch.manual_seed(0)
-    module = tiny()
+    module = tiny_cmae()
     data = batch(16)
     losses = losses_on_fixed_batch(module, data, steps=25, lr=2e-3)
     assert all(math.isfinite(v) for v in losses)
@@ -132,7 +119,7 @@ def test_logs_both_terms_and_learns_on_a_fixed_batch() -> None:
 
 
 def test_mae_mode_builds_no_target_branch() -> None:
-    module = tiny(contrastive_weight=0.0, masking=RandomMasking(8, 0.75))
+    module = tiny_cmae(contrastive_weight=0.0, masking=RandomMasking(8, 0.75))
     assert not hasattr(module, "target_encoder") and not hasattr(module, "online_heads")
     assert module.momentum_pairs() == [] and module.configure_callbacks() == []
     assert type(module.train_views()).__name__ == "MAEViews"
@@ -142,11 +129,11 @@ def test_mae_mode_builds_no_target_branch() -> None:
 
 def test_invalid_configurations() -> None:
     with pytest.raises(ValueError, match=r"masks a varying number of patches; the encoder drops the masked ones"):
-        tiny(masking=BlockMasking(8, 20, 4))
+        tiny_cmae(masking=BlockMasking(8, 20, 4))
     with pytest.raises(ValueError, match="does not match"):
-        tiny(masking=GridMasking(14, 2, 0.65))
+        tiny_cmae(masking=GridMasking(14, 2, 0.65))
     with pytest.raises(ValueError, match="not a CMAE checkpoint"):
-        tiny().on_load_checkpoint({"lightning_mim": {"method": "conmim"}})
+        tiny_cmae().on_load_checkpoint({"lightning_mim": {"method": "conmim"}})
 
 
 def test_pixel_shifted_views() -> None:
@@ -165,7 +152,7 @@ def test_pixel_shifted_views() -> None:
 
 
 def test_a_checkpoint_from_before_the_online_encoder_rename_loads(tmp_path) -> None:
-    module = tiny()
+    module = tiny_cmae()
     trainer = cpu_trainer(max_steps=1, limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(module, SampleDataModule(batch_size=4, num_workers=0, train_size=8, val_size=4))
     trainer.save_checkpoint(tmp_path / "new.ckpt")

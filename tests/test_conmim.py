@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import pytest
 import torch
 from timm.models.beit import Beit
+from timm.models.beit import Block as BeitBlock
 from torch import nn
 
 from lightning_mim import ConMIMModule
@@ -14,13 +16,9 @@ from lightning_mim.data import SampleDataModule
 from lightning_mim.masking import BlockMasking, GridMasking
 from lightning_mim.methods.conmim import CONMIM_OPTIM
 
-from .helpers import TINY_BEIT, cpu_trainer, flat, losses_on_fixed_batch
+from .helpers import cpu_trainer, flat, losses_on_fixed_batch, tiny_conmim
 
-
-def tiny(**kwargs) -> ConMIMModule:
-    optim = dataclasses.replace(CONMIM_OPTIM, lr=1e-3, warmup_steps=0)
-    defaults = dict(backbone_kwargs=TINY_BEIT, proj_hidden_dim=64, proj_dim=32, optim=optim)
-    return ConMIMModule(**{**defaults, **kwargs})
+QUICK = dataclasses.replace(CONMIM_OPTIM, lr=1e-3, warmup_steps=0)  # ConMIM's optimizer without warm-up
 
 
 def batch(size: int = 8) -> dict[str, torch.Tensor]:
@@ -34,10 +32,11 @@ def test_default_backbone_is_the_official_beit() -> None:
     vit = module.student.encoder.vit
     assert isinstance(vit, Beit)
     assert vit.pos_embed is None and vit.rel_pos_bias is not None  # shared relative position bias only
-    assert all(block.attn.relative_position_bias_table is None for block in vit.blocks)
-    assert torch.allclose(vit.blocks[0].gamma_1, torch.full((768,), 0.1))  # layer scale 0.1
+    blocks = [cast(BeitBlock, block) for block in vit.blocks]
+    assert all(block.attn.relative_position_bias_table is None for block in blocks)
+    assert torch.allclose(blocks[0].gamma_1, torch.full((768,), 0.1))  # layer scale 0.1
     assert torch.count_nonzero(vit.rel_pos_bias.relative_position_bias_table) == 0  # zero-initialised
-    assert (vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads) == (768, 12, 12)
+    assert (vit.embed_dim, len(blocks), blocks[0].attn.num_heads) == (768, 12, 12)
     assert isinstance(vit.norm, nn.LayerNorm) and isinstance(vit.fc_norm, nn.Identity)  # norm on every token
     assert vit.norm.eps == 1e-6
     masking = module.masking
@@ -46,8 +45,8 @@ def test_default_backbone_is_the_official_beit() -> None:
 
 
 def test_projector_structure() -> None:
-    module = tiny(proj_hidden_dim=64, proj_dim=32)
-    layers = list(module.student.projector)
+    module = tiny_conmim(proj_hidden_dim=64, proj_dim=32, optim=QUICK)
+    layers = list(cast(nn.Sequential, module.student.projector))
     kinds = [type(layer).__name__ for layer in layers]
     assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
     assert all(layer.bias is None for layer in layers if isinstance(layer, nn.Linear))
@@ -56,7 +55,7 @@ def test_projector_structure() -> None:
 
 def test_loss_finite_and_falls_on_a_fixed_batch() -> None:
     torch.manual_seed(0)
-    module = tiny()
+    module = tiny_conmim(optim=QUICK)
     data = batch(16)
     losses = losses_on_fixed_batch(module, data, steps=25, lr=3e-3)
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -65,7 +64,7 @@ def test_loss_finite_and_falls_on_a_fixed_batch() -> None:
 
 
 def test_teacher_gets_no_gradients() -> None:
-    module = tiny()
+    module = tiny_conmim(optim=QUICK)
     module.training_step(batch(), 0).backward()
     assert all(p.grad is None for p in module.teacher.parameters())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.student.parameters())
@@ -74,19 +73,19 @@ def test_teacher_gets_no_gradients() -> None:
 def test_teacher_moves_only_by_ema() -> None:
     dm = SampleDataModule(batch_size=8, num_workers=0, train_size=32, val_size=8)
     # momentum 1: the teacher never moves, though the student trains
-    module = tiny(momentum=1.0, final_momentum=1.0)
+    module = tiny_conmim(momentum=1.0, final_momentum=1.0, optim=QUICK)
     teacher0, student0 = flat(module.teacher).clone(), flat(module.student).clone()
     cpu_trainer(max_steps=3, limit_val_batches=0).fit(module, dm)
     assert torch.equal(flat(module.teacher), teacher0)
     assert not torch.allclose(flat(module.student), student0)
     # momentum 0: the teacher equals the student after every step
-    module = tiny(momentum=0.0, final_momentum=0.0)
+    module = tiny_conmim(momentum=0.0, final_momentum=0.0, optim=QUICK)
     cpu_trainer(max_steps=3, limit_val_batches=0).fit(module, dm)
     assert torch.equal(flat(module.teacher), flat(module.student))
 
 
 def test_optimizer_covers_the_student_only_with_the_official_decay_rule() -> None:
-    module = tiny()
+    module = tiny_conmim(optim=QUICK)
     dm = SampleDataModule(batch_size=8, num_workers=0, train_size=16, val_size=8)
     trainer = cpu_trainer(max_steps=1, limit_val_batches=0)
     trainer.fit(module, dm)
@@ -106,18 +105,18 @@ def test_optimizer_covers_the_student_only_with_the_official_decay_rule() -> Non
 
 def test_masking_must_match_the_grid() -> None:
     with pytest.raises(ValueError, match="does not match"):
-        tiny(masking=GridMasking(14, 2, 0.75))
-    module = tiny(masking=GridMasking(4, 2, 0.5))  # any generator on the right grid works
+        tiny_conmim(masking=GridMasking(14, 2, 0.75), optim=QUICK)
+    module = tiny_conmim(masking=GridMasking(4, 2, 0.5), optim=QUICK)  # any generator on the right grid works
     assert module.training_step(batch(), 0).isfinite()
 
 
 def test_embed_and_encoders() -> None:
-    module = tiny()
+    module = tiny_conmim(optim=QUICK)
     assert module.eval_encoder == "teacher" and module.default_export == "teacher"  # watched = exported
     features = module.embed(batch()["images"])
     assert features.shape == (8, 48)
     assert module.encoder("teacher") is module.teacher.encoder.vit
-    student = tiny(eval_encoder="student")
+    student = tiny_conmim(eval_encoder="student", optim=QUICK)
     assert student.default_export == "student"
     # the monitored features are the student's own: perturb the teacher and nothing changes
     with torch.no_grad():
@@ -128,7 +127,7 @@ def test_embed_and_encoders() -> None:
 
 
 def test_checkpoint_of_another_kind_is_refused() -> None:
-    module = tiny()
+    module = tiny_conmim(optim=QUICK)
     with pytest.raises(ValueError, match="not a ConMIM checkpoint"):
         module.on_load_checkpoint({"state_dict": {}})
     with pytest.raises(ValueError, match="found: cmae"):
@@ -137,9 +136,9 @@ def test_checkpoint_of_another_kind_is_refused() -> None:
 
 def test_invalid_arguments() -> None:
     with pytest.raises(ValueError, match="temperature"):
-        tiny(temperature=0.0)
+        tiny_conmim(temperature=0.0, optim=QUICK)
     with pytest.raises(ValueError, match="unknown timm architecture"):
-        tiny(backbone="no_such_vit")
+        tiny_conmim(backbone="no_such_vit", optim=QUICK)
 
 
 def test_crop_scale_reaches_the_shared_crop() -> None:
@@ -147,5 +146,5 @@ def test_crop_scale_reaches_the_shared_crop() -> None:
         (crop,) = [t for t in module.train_views().geometry.transforms if hasattr(t, "scale")]
         return tuple(crop.scale)
 
-    assert crop_scale(tiny()) == (0.08, 1.0)  # the official recipe's
-    assert crop_scale(tiny(crop_scale=(0.25, 1.0))) == (0.25, 1.0)
+    assert crop_scale(tiny_conmim(optim=QUICK)) == (0.08, 1.0)  # the official recipe's
+    assert crop_scale(tiny_conmim(crop_scale=(0.25, 1.0), optim=QUICK)) == (0.25, 1.0)

@@ -15,6 +15,7 @@ from lightning_mim.data import (
     ImageFolderDataset,
     ImageNetDataModule,
     SampleDataModule,
+    TensorImageDataset,
     decode_rgb,
     load_sample,
     normalize,
@@ -120,8 +121,12 @@ def test_sample_module_subsets_are_balanced() -> None:
         eval_views=EvalView(32, 1.0),
     )
     dm.setup("fit")
-    assert len(dm.train_set) == 100 and len(dm.val_set) == 20
-    labels = torch.stack([dm.val_set[i]["labels"] for i in range(20)])
+    train_set, val_set = dm.train_set, dm.val_set
+    assert isinstance(train_set, TensorImageDataset) and isinstance(val_set, TensorImageDataset)
+    assert len(train_set) == 100 and len(val_set) == 20
+    labels = torch.stack([val_set[i]["labels"] for i in range(20)])
     assert torch.equal(torch.bincount(labels), torch.full((10,), 2))
-    bank, _ = dm.knn_datasets()
+    knn_sets = dm.knn_datasets()
+    assert knn_sets is not None
+    bank, _ = knn_sets
     assert bank[0]["images"].shape == (3, 32, 32) and "teacher_images" not in bank[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -10,36 +11,20 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torchvision.io import read_image
 
-from lightning_mim import CIMModule, CMAEModule, ConMIMModule, MimCoModule
 from lightning_mim.callbacks import VisualDiagnostics
 from lightning_mim.data import SampleDataModule
-from lightning_mim.masking import BlockMasking
-from lightning_mim.nn import VQTokenizer
 
-from .helpers import TINY_BEIT, cpu_trainer, flat
+from .helpers import TINY_VIT_8X8, PretrainingModule, cpu_trainer, flat, tiny_cim, tiny_cmae, tiny_conmim, tiny_mimco
 
-TINY_VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
 PANELS = {"conmim": 3, "cmae": 3, "mimco": 3, "cim_respix": 5, "cim_revdet": 5}
-
-
-def build(method: str) -> pl.LightningModule:
-    torch.manual_seed(0)
-    if method == "conmim":
-        return ConMIMModule(backbone_kwargs=TINY_BEIT, proj_hidden_dim=32, proj_dim=16)
-    if method == "cmae":
-        return CMAEModule("vit_small_patch16_224", TINY_VIT, decoder_dim=16, decoder_depth=1, decoder_heads=2)
-    if method == "mimco":
-        return MimCoModule(backbone_kwargs=TINY_VIT, allow_random_teacher=True, patch_hidden_dim=32, proj_hidden_dim=32)
-    tokenizer = VQTokenizer(vocab_size=32, code_dim=8, hidden_dim=16, num_res_blocks=1, downsample=4)
-    return CIMModule(
-        enhancer="vit_small_patch16_224",
-        enhancer_kwargs=TINY_VIT,
-        objective=method.split("_")[1],
-        tokenizer=tokenizer,
-        generator_kwargs={"depth": 1},
-        masking=BlockMasking(8, 32, 4),
-        window=4,
-    )
+# Each method's tiny module, with the narrow heads (and, for MimCo, the 8x8 grid) of these tests.
+MODULES: dict[str, Callable[[], PretrainingModule]] = {
+    "conmim": lambda: tiny_conmim(proj_hidden_dim=32, proj_dim=16),
+    "cmae": lambda: tiny_cmae(decoder_dim=16, proj_hidden_dim=1536, proj_dim=256),  # CMAE's default projector
+    "mimco": lambda: tiny_mimco(backbone_kwargs=TINY_VIT_8X8, proj_hidden_dim=32),
+    "cim_respix": lambda: tiny_cim(objective="respix"),
+    "cim_revdet": lambda: tiny_cim(objective="revdet"),
+}
 
 
 def fit(module: pl.LightningModule, tmp_path: Path, callbacks: list) -> pl.Trainer:
@@ -51,12 +36,15 @@ def fit(module: pl.LightningModule, tmp_path: Path, callbacks: list) -> pl.Train
 
 @pytest.mark.parametrize("method", sorted(PANELS))
 def test_diagnostics_write_grids_and_leave_training_unchanged(method: str, tmp_path: Path) -> None:
-    reference = build(method)
+    torch.manual_seed(0)
+    reference = MODULES[method]()
     fit(reference, tmp_path / "plain", [])
-    module = build(method)
+    torch.manual_seed(0)  # the same initial weights
+    module = MODULES[method]()
     callback = VisualDiagnostics(every_n_steps=2, num_images=4)
     trainer = fit(module, tmp_path / "diag", [callback])
     assert [p.name for p in callback.written] == ["step_0000000.png", "step_0000002.png"]
+    assert isinstance(trainer.logger, CSVLogger)
     assert all(p.parent == Path(trainer.logger.log_dir) / "diagnostics" for p in callback.written)
     grid = read_image(str(callback.written[-1]))
     # 4 rows of PANELS[method] 32-px panels with 1-px padding
@@ -68,7 +56,7 @@ def test_diagnostics_write_grids_and_leave_training_unchanged(method: str, tmp_p
 
 
 def test_modes_are_restored(tmp_path: Path) -> None:
-    module = build("cim_revdet")
+    module = tiny_cim(objective="revdet")
     fit(module, tmp_path, [VisualDiagnostics(every_n_steps=1, num_images=2)])
     assert module.generator.training and module.enhancer.training and not module.tokenizer.training
 

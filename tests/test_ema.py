@@ -16,14 +16,21 @@ from lightning_mim.callbacks import EMATeacher
 from lightning_mim.callbacks.ema import cosine_momentum
 
 
+class StudentAndTeacher(nn.Module):
+    """A student ``encoder`` and its EMA copy ``target``."""
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.target = copy.deepcopy(encoder).requires_grad_(False)
+
+
 class ForeignModule(pl.LightningModule):
     """A plain regression module with its student and teacher nested under ``model``."""
 
     def __init__(self, lr: float = 0.1) -> None:
         super().__init__()
-        self.model = nn.Module()
-        self.model.encoder = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
-        self.model.target = copy.deepcopy(self.model.encoder).requires_grad_(False)
+        self.model = StudentAndTeacher(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)))
         with torch.no_grad():  # start the teacher away from the student
             for p in self.model.target.parameters():
                 p.add_(1.0)

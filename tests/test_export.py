@@ -5,64 +5,51 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import timm
 import torch
 
-from lightning_mim import CIMModule, CMAEModule, ConMIMModule, MimCoModule, MoCoV3Module
 from lightning_mim.data import SampleDataModule
 from lightning_mim.data.views import normalize
 from lightning_mim.export import create_model, to_timm
-from lightning_mim.masking import BlockMasking
-from lightning_mim.nn import VQTokenizer
 
-from .helpers import TINY_BEIT, cpu_trainer
+from .helpers import (
+    TINY_VIT_8X8,
+    PretrainingModule,
+    cpu_trainer,
+    forward_features,
+    tiny_cim,
+    tiny_cim_resnet50,
+    tiny_cmae,
+    tiny_conmim,
+    tiny_mimco,
+    tiny_mocov3,
+)
 
-TINY_VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
-
-
-def build(method: str) -> pl.LightningModule:
-    if method == "conmim":
-        return ConMIMModule(backbone_kwargs=TINY_BEIT, proj_hidden_dim=32, proj_dim=16)
-    if method == "cmae":
-        return CMAEModule("vit_small_patch16_224", TINY_VIT, decoder_dim=16, decoder_depth=1, decoder_heads=2)
-    if method == "mocov3":
-        return MoCoV3Module(backbone_kwargs=TINY_VIT, proj_hidden_dim=32, proj_dim=16)
-    if method == "mimco":
-        return MimCoModule(backbone_kwargs=TINY_VIT, allow_random_teacher=True, patch_hidden_dim=32, proj_hidden_dim=32)
-    tokenizer = VQTokenizer(vocab_size=32, code_dim=8, hidden_dim=16, num_res_blocks=1, downsample=4)
-    if method == "cim_vit":
-        return CIMModule(
-            enhancer="vit_small_patch16_224",
-            enhancer_kwargs=TINY_VIT,
-            tokenizer=tokenizer,
-            generator_kwargs={"depth": 1},
-            masking=BlockMasking(8, 32, 4),
-            window=4,
-        )
-    return CIMModule(
-        enhancer="resnet50",
-        image_size=64,
-        tokenizer=tokenizer,
-        generator_kwargs={"depth": 1, "embed_dim": 32, "num_heads": 2},
-        masking=BlockMasking(4, 8, 2),
-        window=4,
-    )
+# Each method's tiny module, with the narrow heads (and, for MoCo v3 and MimCo, the 8x8 grid) of these tests.
+MODULES: dict[str, Callable[[], PretrainingModule]] = {
+    "conmim": lambda: tiny_conmim(proj_hidden_dim=32, proj_dim=16),
+    "cmae": lambda: tiny_cmae(decoder_dim=16, proj_hidden_dim=1536, proj_dim=256),  # CMAE's default projector
+    "mocov3": lambda: tiny_mocov3(backbone_kwargs=TINY_VIT_8X8, proj_hidden_dim=32),
+    "mimco": lambda: tiny_mimco(backbone_kwargs=TINY_VIT_8X8, proj_hidden_dim=32),
+    "cim_vit": tiny_cim,
+    "cim_resnet50": tiny_cim_resnet50,
+}
 
 
-def encoder_features(module: pl.LightningModule, which: str, images: torch.Tensor) -> torch.Tensor:
+def encoder_features(module: PretrainingModule, which: str, images: torch.Tensor) -> torch.Tensor:
     encoder = module.export_encoders()[which].module.eval()
     with torch.no_grad():
-        return encoder.forward_features(images)
+        return forward_features(encoder, images)
 
 
-@pytest.mark.parametrize("method", ["conmim", "cmae", "mocov3", "mimco", "cim_vit", "cim_resnet50"])
+@pytest.mark.parametrize("method", list(MODULES))
 def test_checkpoint_export_loads_in_timm_with_the_same_features(method: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    module = build(method)
+    module = MODULES[method]()
     size = 64 if method == "cim_resnet50" else 32
     trainer = cpu_trainer(max_steps=1, limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(module, SampleDataModule(batch_size=4, num_workers=0, train_size=8, val_size=4))
@@ -87,7 +74,7 @@ def test_checkpoint_export_loads_in_timm_with_the_same_features(method: str, tmp
         assert not missing and not unexpected  # the file is exactly the timm encoder
         assert not any(k.startswith(("generator", "tokenizer", "projector", "decoder", "mask_token")) for k in exported)
         with torch.no_grad():
-            timm_features = model.forward_features(images)
+            timm_features = forward_features(model, images)
         assert torch.allclose(timm_features, encoder_features(module, which, images), atol=1e-5)
     # What training monitors (kNN on `embed`) is what the default export gives in timm, pooling included.
     default = to_timm(ckpt, tmp_path / "default")
@@ -102,14 +89,14 @@ def test_checkpoint_export_loads_in_timm_with_the_same_features(method: str, tmp
 
 
 def test_export_from_a_module_and_create_model(tmp_path: Path) -> None:
-    module = build("conmim")
+    module = MODULES["conmim"]()
     assert set(module.export_encoders()) == {"student", "teacher"}
     out = to_timm(module, tmp_path / "conmim")  # default: the teacher, as the official fine-tuning
     assert json.loads((out / "config.json").read_text())["which"] == "teacher"
     model = create_model(out).eval()
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(model.forward_features(images), encoder_features(module, "teacher", images), atol=1e-5)
+        assert torch.allclose(forward_features(model, images), encoder_features(module, "teacher", images), atol=1e-5)
     classifier = create_model(out, num_classes=10, drop_path_rate=0.1)
     assert classifier.num_classes == 10
 
@@ -127,13 +114,13 @@ def test_bad_sources_fail_clearly(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="older lightning-mim"):
         to_timm(tmp_path / "old.ckpt", tmp_path / "out")
     with pytest.raises(ValueError, match="no 'teacher' encoder"):
-        to_timm(build("cmae"), tmp_path / "out", which="teacher")
+        to_timm(MODULES["cmae"](), tmp_path / "out", which="teacher")
     with pytest.raises(FileNotFoundError, match="not an export folder"):
         create_model(tmp_path)
 
 
 def test_export_command(tmp_path: Path) -> None:
-    module = build("cim_vit")
+    module = MODULES["cim_vit"]()
     trainer = cpu_trainer(max_steps=1, limit_val_batches=0, default_root_dir=tmp_path)
     trainer.fit(module, SampleDataModule(batch_size=4, num_workers=0, train_size=8, val_size=4))
     trainer.save_checkpoint(tmp_path / "cim.ckpt")

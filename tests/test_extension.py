@@ -19,10 +19,9 @@ from lightning_mim.data import SampleDataModule
 from lightning_mim.methods._parts import LossTerms
 from lightning_mim.optim import OptimConfig
 
-from .helpers import TINY_BEIT, cpu_trainer
+from .helpers import TINY_VIT_4X4, cpu_trainer, tiny_cmae, tiny_conmim, tiny_mimco, tiny_mocov3
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
 OPTIM = OptimConfig(lr=1e-2, warmup_steps=0)
 
 
@@ -50,7 +49,7 @@ class LinearMimCo(MimCoModule):
 CASES: dict[str, tuple[type[pl.LightningModule], dict[str, Any], Callable[[Any], nn.Module], Any]] = {
     "conmim": (
         LinearConMIM,
-        {"backbone_kwargs": TINY_BEIT, "proj_hidden_dim": 32, "proj_dim": 16, "momentum": 0.5},
+        {"backbone_kwargs": TINY_VIT_4X4, "proj_hidden_dim": 32, "proj_dim": 16, "momentum": 0.5},
         lambda m: m.student.projector,
         lambda m: m.teacher.projector,
     ),
@@ -58,7 +57,7 @@ CASES: dict[str, tuple[type[pl.LightningModule], dict[str, Any], Callable[[Any],
         LinearCMAE,
         {
             "backbone": "vit_small_patch16_224",
-            "backbone_kwargs": TINY_VIT,
+            "backbone_kwargs": TINY_VIT_4X4,
             "decoder_dim": 16,
             "decoder_depth": 1,
             "decoder_heads": 2,
@@ -71,13 +70,13 @@ CASES: dict[str, tuple[type[pl.LightningModule], dict[str, Any], Callable[[Any],
     ),
     "mocov3": (
         LinearMoCo,
-        {"backbone_kwargs": TINY_VIT, "proj_hidden_dim": 32, "proj_dim": 16, "momentum": 0.5},
+        {"backbone_kwargs": TINY_VIT_4X4, "proj_hidden_dim": 32, "proj_dim": 16, "momentum": 0.5},
         lambda m: m.base.projector,
         lambda m: m.momentum_branch.projector,
     ),
     "mimco": (
         LinearMimCo,
-        {"backbone_kwargs": TINY_VIT, "allow_random_teacher": True, "patch_hidden_dim": 32, "proj_hidden_dim": 32},
+        {"backbone_kwargs": TINY_VIT_4X4, "allow_random_teacher": True, "patch_hidden_dim": 32, "proj_hidden_dim": 32},
         lambda m: m.image_head,
         None,
     ),
@@ -115,10 +114,14 @@ def test_a_subclass_swaps_a_head_for_student_and_teacher_and_round_trips(method:
 
 def test_compute_losses_is_the_algorithm_and_its_total_the_weighted_sum() -> None:
     torch.manual_seed(0)
-    module = CMAEModule(
-        "vit_small_patch16_224", TINY_VIT, decoder_dim=16, decoder_depth=1, decoder_heads=2,
-        reconstruction_weight=0.5, contrastive_weight=3.0,
-    )  # fmt: skip
+    module = tiny_cmae(
+        backbone_kwargs=TINY_VIT_4X4,
+        decoder_dim=16,
+        proj_hidden_dim=1536,  # CMAE's default projector
+        proj_dim=256,
+        reconstruction_weight=0.5,
+        contrastive_weight=3.0,
+    )
     images = torch.randn(4, 3, 32, 32)
     mask = module.masking(4, generator=torch.Generator().manual_seed(0))
     result = module.compute_losses(images, images.flip(-1), mask)
@@ -130,11 +133,11 @@ def test_compute_losses_is_the_algorithm_and_its_total_the_weighted_sum() -> Non
 
 
 def test_encoder_is_the_same_method_everywhere() -> None:
-    conmim = ConMIMModule(backbone_kwargs=TINY_BEIT, proj_hidden_dim=32, proj_dim=16)
+    conmim = tiny_conmim(proj_hidden_dim=32, proj_dim=16)
     assert conmim.encoder() is conmim.student.encoder.vit and conmim.encoder("teacher") is conmim.teacher.encoder.vit
-    moco = MoCoV3Module(backbone_kwargs=TINY_VIT, proj_hidden_dim=32, proj_dim=16)
+    moco = tiny_mocov3(proj_hidden_dim=32)
     assert moco.encoder() is moco.base.encoder and moco.encoder("teacher") is moco.momentum_branch.encoder
-    mimco = MimCoModule(backbone_kwargs=TINY_VIT, allow_random_teacher=True, patch_hidden_dim=32, proj_hidden_dim=32)
+    mimco = tiny_mimco(proj_hidden_dim=32)
     assert mimco.encoder() is mimco.student.vit
     for module in (conmim, moco, mimco):
         with pytest.raises(ValueError, match=r"encoder\(which='nope'\)"):

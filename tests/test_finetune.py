@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
+from torch import nn
 
 from lightning_mim import ConMIMModule, FineTuneModule, LinearProbeModule
 from lightning_mim.checkpoint.weights import load_encoder
@@ -14,7 +16,7 @@ from lightning_mim.data.views import normalize
 from lightning_mim.export import to_timm
 from lightning_mim.optim import OptimConfig
 
-from .helpers import TINY_BEIT, cpu_trainer, losses_on_fixed_batch
+from .helpers import TINY_VIT_4X4, cpu_trainer, losses_on_fixed_batch, tiny_conmim
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,7 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Co
     """A tiny ConMIM checkpoint after a few steps, and its export folder."""
     tmp = tmp_path_factory.mktemp("pretrained")
     torch.manual_seed(0)
-    module = ConMIMModule(backbone_kwargs=TINY_BEIT, proj_hidden_dim=32, proj_dim=16)
+    module = tiny_conmim(proj_hidden_dim=32, proj_dim=16)
     trainer = cpu_trainer(max_steps=2, limit_val_batches=0, default_root_dir=tmp)
     trainer.fit(module, SampleDataModule(batch_size=8, num_workers=0, train_size=16, val_size=8))
     ckpt = tmp / "conmim.ckpt"
@@ -79,18 +81,19 @@ def test_linear_probe_trains_only_the_head(pretrained) -> None:
     optim = OptimConfig(lr=1.0, base_batch_size=None, min_lr=0.0, weight_decay=0.0, warmup_steps=2)
     module = LinearProbeModule(str(export), num_classes=10, pool="mean", image_size=32, optim=optim)
     encoder_before = {k: v.clone() for k, v in module.encoder.state_dict().items()}
-    head_before = module.head[1].weight.clone()
+    linear = cast(nn.Linear, module.head[1])  # after the BatchNorm
+    head_before = linear.weight.clone()
     trainer = cpu_trainer(max_epochs=1, check_val_every_n_epoch=1)
     trainer.fit(module, data())
     assert all(torch.equal(v, encoder_before[k]) for k, v in module.encoder.state_dict().items())
-    assert not module.encoder.training and not torch.equal(module.head[1].weight, head_before)
+    assert not module.encoder.training and not torch.equal(linear.weight, head_before)
     assert type(trainer.optimizers[0]).__name__ == "Lars"
     top1 = trainer.callback_metrics["val/top1"].item()
     assert 0.0 <= top1 <= 1.0 and trainer.callback_metrics["val/top5"].item() >= top1
 
     images, labels, _ = load_sample("train")
     batch = {"images": images[:64], "labels": labels[:64]}
-    module.trainer = None  # type: ignore[assignment]  # a plain module again: self.log does nothing
+    module.trainer = None  # a plain module again: self.log does nothing
     losses = losses_on_fixed_batch(module, batch, steps=40, lr=1e-2)  # AdamW on the trainable head only
     assert losses[-1] < 0.8 * losses[0], losses  # 2.24 -> 1.59 here
     assert all(torch.equal(v, encoder_before[k]) for k, v in module.encoder.state_dict().items())
@@ -108,7 +111,7 @@ def test_finetune_uses_layer_decay_and_learns(pretrained) -> None:
     lrs = sorted({round(g["initial_lr"], 8) for g in trainer.optimizers[0].param_groups})
     assert len(lrs) >= 3 and lrs[-1] == pytest.approx(2e-3)  # one lr per depth, the head's the largest
     # timm's layer decay: embeddings at 0.65^(depth + 1), each block one power less, the head at 1
-    assert lrs[0] == pytest.approx(2e-3 * 0.65 ** (TINY_BEIT["depth"] + 1), rel=1e-6)
+    assert lrs[0] == pytest.approx(2e-3 * 0.65 ** (TINY_VIT_4X4["depth"] + 1), rel=1e-6)
     top1 = trainer.callback_metrics["val/top1"].item()
     assert 0.12 < top1 <= 1.0, top1
 

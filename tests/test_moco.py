@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import pytest
 import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from lightning_mim import MoCoV3Module
 from lightning_mim.data import SampleDataModule, TwoCropViews
 from lightning_mim.losses import info_nce
 from lightning_mim.nn import sincos_2d_pos_embed
 
-from .helpers import cpu_trainer, flat, losses_on_fixed_batch
-
-TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
-
-
-def tiny(**kwargs) -> MoCoV3Module:
-    return MoCoV3Module(**{**dict(backbone_kwargs=TINY_VIT, proj_hidden_dim=64, proj_dim=16), **kwargs})
+from .helpers import attention_heads, cpu_trainer, flat, losses_on_fixed_batch, tiny_mocov3
 
 
 def batch(size: int = 8) -> dict[str, torch.Tensor]:
@@ -41,28 +38,30 @@ def official_sincos(grid: int, dim: int) -> torch.Tensor:
 
 def test_structure_follows_moco_v3() -> None:
     module = MoCoV3Module(proj_hidden_dim=4096)  # ViT-S/16
-    encoder = module.encoder()
-    assert encoder.blocks[0].attn.num_heads == 12  # the official vit_small (timm's has 6)
+    encoder = cast(VisionTransformer, module.encoder())
+    assert attention_heads(encoder) == 12  # the official vit_small (timm's has 6)
     assert not any(p.requires_grad for p in encoder.patch_embed.parameters())  # frozen random patch projection
-    assert not encoder.pos_embed.requires_grad
-    assert torch.allclose(encoder.pos_embed, official_sincos(14, 384), atol=1e-6)  # rows first, as MoCo v3
-    assert not torch.allclose(encoder.pos_embed, sincos_2d_pos_embed((14, 14), 384))  # MAE's order differs
-    projector = [type(m).__name__ for m in module.projector]
-    assert projector == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
-    assert not module.projector[-1].affine
+    pos_embed = encoder.pos_embed
+    assert pos_embed is not None and not pos_embed.requires_grad
+    assert torch.allclose(pos_embed, official_sincos(14, 384), atol=1e-6)  # rows first, as MoCo v3
+    assert not torch.allclose(pos_embed, sincos_2d_pos_embed((14, 14), 384))  # MAE's order differs
+    projector = cast(nn.Sequential, module.projector)
+    kinds = [type(m).__name__ for m in projector]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert not projector[-1].affine
     # The ViT predictor is _build_mlp(2, 256, 4096, 256) with last_bn=True: it ends in a non-affine BN.
-    predictor = [type(m).__name__ for m in module.predictor]
-    assert predictor == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
-    assert not module.predictor[-1].affine and module.predictor[1].affine
-    assert all(m.bias is None for m in module.predictor if isinstance(m, torch.nn.Linear))
-    assert module.projector[0].out_features == 4096 and module.predictor[3].out_features == 256
-    assert MoCoV3Module(backbone_kwargs={"num_heads": 6}).encoder().blocks[0].attn.num_heads == 6  # timm's ViT-S
-    assert MoCoV3Module(backbone="vit_base_patch16_224", proj_hidden_dim=64).encoder().blocks[0].attn.num_heads == 12
+    predictor = cast(nn.Sequential, module.predictor)
+    assert [type(m).__name__ for m in predictor] == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert not predictor[-1].affine and predictor[1].affine
+    assert all(m.bias is None for m in predictor if isinstance(m, nn.Linear))
+    assert projector[0].out_features == 4096 and predictor[3].out_features == 256
+    assert attention_heads(MoCoV3Module(backbone_kwargs={"num_heads": 6}).encoder()) == 6  # timm's ViT-S
+    assert attention_heads(MoCoV3Module(backbone="vit_base_patch16_224", proj_hidden_dim=64).encoder()) == 12
 
 
 def test_predictor_output_is_standardised_per_dimension_in_train_mode() -> None:
     torch.manual_seed(0)
-    module = tiny().train()
+    module = tiny_mocov3().train()
     out = module.predictor(torch.randn(64, 16) * 3 + 1)  # (B, proj_dim)
     assert torch.allclose(out.mean(dim=0), torch.zeros(16), atol=1e-5)
     # BatchNorm divides by the biased batch std (with eps 1e-5): unit variance per dimension.
@@ -72,7 +71,7 @@ def test_predictor_output_is_standardised_per_dimension_in_train_mode() -> None:
 def test_crops_are_bilinear_as_the_official_code() -> None:
     from torchvision.transforms import InterpolationMode
 
-    views = tiny().train_views()
+    views = tiny_mocov3().train_views()
     crops = [views.first.transforms[0], views.second.transforms[0]]
     assert all(crop.interpolation == InterpolationMode.BILINEAR for crop in crops)
     assert TwoCropViews(32, interpolation="bicubic").first.transforms[0].interpolation == InterpolationMode.BICUBIC
@@ -81,7 +80,7 @@ def test_crops_are_bilinear_as_the_official_code() -> None:
 
 
 def test_loss_is_symmetric_scaled_infonce() -> None:
-    module = tiny()
+    module = tiny_mocov3()
     data = batch()
     loss = module.training_step(data, 0)
     from lightning_mim.data import normalize
@@ -98,15 +97,15 @@ def test_loss_is_symmetric_scaled_infonce() -> None:
 
 
 def test_momentum_branch_gets_no_gradients_and_follows_ema() -> None:
-    module = tiny()
+    module = tiny_mocov3()
     module.training_step(batch(), 0).backward()
     assert all(p.grad is None for p in module.momentum_branch.parameters())
-    assert all(p.grad is None for p in module.encoder().patch_embed.parameters())
+    assert all(p.grad is None for p in cast(VisionTransformer, module.encoder()).patch_embed.parameters())
     dm = SampleDataModule(batch_size=8, num_workers=0, train_size=32, val_size=8, train_views=TwoCropViews(32))
-    module = tiny(momentum=0.0, final_momentum=0.0)
+    module = tiny_mocov3(momentum=0.0, final_momentum=0.0)
     cpu_trainer(max_steps=2, limit_val_batches=0).fit(module, dm)
     assert torch.equal(flat(module.momentum_branch), flat(module.base))  # momentum 0 copies base + projector
-    module = tiny(momentum=1.0, final_momentum=1.0)
+    module = tiny_mocov3(momentum=1.0, final_momentum=1.0)
     frozen = flat(module.momentum_branch).clone()
     cpu_trainer(max_steps=2, limit_val_batches=0).fit(module, dm)
     assert torch.equal(flat(module.momentum_branch), frozen)
@@ -114,7 +113,7 @@ def test_momentum_branch_gets_no_gradients_and_follows_ema() -> None:
 
 def test_learns_on_a_fixed_batch() -> None:
     torch.manual_seed(0)
-    module = tiny()
+    module = tiny_mocov3()
     data = batch(16)
     losses = losses_on_fixed_batch(module, data, steps=20, lr=2e-3)
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
@@ -130,8 +129,8 @@ def test_two_views_differ_and_have_the_right_shape() -> None:
 
 def test_checkpoint_kind_and_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="not a MoCo v3 checkpoint"):
-        tiny().on_load_checkpoint({"lightning_mim": {"method": "conmim"}})
+        tiny_mocov3().on_load_checkpoint({"lightning_mim": {"method": "conmim"}})
     with pytest.raises(ValueError, match="unknown timm architecture"):
         MoCoV3Module(backbone="nope_vit")
     with pytest.raises(ValueError, match="temperature"):
-        tiny(temperature=0.0)
+        tiny_mocov3(temperature=0.0)

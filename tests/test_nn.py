@@ -9,11 +9,13 @@ import torch
 from lightning_mim.masking import RandomMasking
 from lightning_mim.nn import BNProjector, MaskedViT
 
-TINY_VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+from .helpers import TINY_VIT_4X4
+
+VIT = {**TINY_VIT_4X4, "embed_dim": 32}  # 16 patches of 8 px, 32 wide: the shapes below are written for it
 
 
 def test_mask_token_mode_equals_manual_replacement() -> None:
-    model = MaskedViT("vit_small_patch16_224", **TINY_VIT).eval()
+    model = MaskedViT("vit_small_patch16_224", **VIT).eval()
     images = torch.randn(2, 3, 32, 32)
     mask = RandomMasking(4, 0.5)(2, generator=torch.Generator().manual_seed(0))
     out = model(images, mask)
@@ -31,11 +33,7 @@ def test_mask_token_mode_equals_manual_replacement() -> None:
 def test_beit_without_mask_equals_timm() -> None:
     model = MaskedViT(
         "beit_base_patch16_224",
-        img_size=32,
-        patch_size=8,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
+        **VIT,
         use_rel_pos_bias=False,
         use_shared_rel_pos_bias=True,
         global_pool="token",
@@ -47,7 +45,7 @@ def test_beit_without_mask_equals_timm() -> None:
 
 
 def test_masked_patches_do_not_leak() -> None:
-    model = MaskedViT("vit_small_patch16_224", **TINY_VIT).eval()
+    model = MaskedViT("vit_small_patch16_224", **VIT).eval()
     images = torch.randn(1, 3, 32, 32)
     mask = torch.zeros(1, 16, dtype=torch.bool)
     mask[0, 5] = True
@@ -57,7 +55,7 @@ def test_masked_patches_do_not_leak() -> None:
 
 
 def test_visible_mode_encodes_only_visible_tokens() -> None:
-    model = MaskedViT("vit_small_patch16_224", mode="visible", **TINY_VIT).eval()
+    model = MaskedViT("vit_small_patch16_224", mode="visible", **VIT).eval()
     images = torch.randn(2, 3, 32, 32)
     mask = RandomMasking(4, 0.75)(2, generator=torch.Generator().manual_seed(1))
     out = model(images, mask, num_visible=4)
@@ -74,9 +72,7 @@ def test_visible_mode_encodes_only_visible_tokens() -> None:
 
 def test_visible_mode_rejects_relative_position_bias() -> None:
     with pytest.raises(ValueError, match="visible"):
-        MaskedViT(
-            "beit_base_patch16_224", mode="visible", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2
-        )
+        MaskedViT("beit_base_patch16_224", mode="visible", **{**VIT, "depth": 1})
 
 
 def test_bn_projector_flattens_tokens() -> None:
@@ -90,7 +86,7 @@ def test_bn_projector_flattens_tokens() -> None:
 
 
 def test_wrong_mask_shape_and_non_vit() -> None:
-    model = MaskedViT("vit_small_patch16_224", **TINY_VIT)
+    model = MaskedViT("vit_small_patch16_224", **VIT)
     with pytest.raises(ValueError, match="does not match"):
         model(torch.randn(1, 3, 32, 32), torch.zeros(1, 15, dtype=torch.bool))
     with pytest.raises(TypeError, match="needs a timm ViT"):
@@ -102,22 +98,22 @@ def test_wrong_mask_shape_and_non_vit() -> None:
 @pytest.mark.parametrize("arch", ["vit_small_patch16_224", "beit_base_patch16_224"])
 def test_pool_is_the_mean_of_normed_patch_tokens_or_the_cls_token(arch: str) -> None:
     images = torch.randn(2, 3, 32, 32)
-    model = MaskedViT(arch, **TINY_VIT).eval()
+    model = MaskedViT(arch, **VIT).eval()
     tokens = model(images)  # final-normed tokens, as pre-training uses them
     assert torch.allclose(model.pool(tokens), tokens[:, 1:].mean(dim=1), atol=1e-6)
     # timm rebuilt from the recorded arguments pools the same way (what an export reproduces)
     rebuilt = timm.create_model(arch, **model.timm_kwargs).eval()
     rebuilt.load_state_dict(model.vit.state_dict())
     assert torch.allclose(rebuilt(images), model.pool(tokens), atol=1e-5)
-    cls = MaskedViT(arch, global_pool="token", **TINY_VIT).eval()
+    cls = MaskedViT(arch, global_pool="token", **VIT).eval()
     tokens = cls(images)
     assert torch.equal(cls.pool(tokens), tokens[:, 0])
 
 
 def test_pooling_that_takes_the_norm_off_the_tokens_is_refused() -> None:
     with pytest.raises(ValueError, match=r"fc_norm=True moves timm's final norm"):
-        MaskedViT("vit_small_patch16_224", fc_norm=True, **TINY_VIT)
+        MaskedViT("vit_small_patch16_224", fc_norm=True, **VIT)
     with pytest.raises(ValueError, match=r"use_fc_norm=True"):
-        MaskedViT("beit_base_patch16_224", use_fc_norm=True, **TINY_VIT)
+        MaskedViT("beit_base_patch16_224", use_fc_norm=True, **VIT)
     with pytest.raises(ValueError, match=r"MaskedViT\(timm_kwargs\): global_pool='map'"):
-        MaskedViT("vit_small_patch16_224", global_pool="map", **TINY_VIT)
+        MaskedViT("vit_small_patch16_224", global_pool="map", **VIT)

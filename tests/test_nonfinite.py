@@ -10,6 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_mim.methods.cmae as cmae_module
 from lightning_mim.callbacks import NonFiniteGuard, NonFiniteLossError
@@ -27,10 +28,11 @@ class _TwoTerms(pl.LightningModule):
         self.nan_at = nan_at
         self.weights_seen: list[torch.Tensor] = []
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        (x,) = batch
         self.weights_seen.append(self.net.weight.detach().clone())
-        a = self.net(batch).pow(2).mean()
-        b = self.net(batch).abs().mean()
+        a = self.net(x).pow(2).mean()
+        b = self.net(x).abs().mean()
         if self.global_step in self.nan_at:
             b = b * float("nan")
         self.log("train/loss_a", a)
@@ -38,7 +40,7 @@ class _TwoTerms(pl.LightningModule):
         return a + b
 
     def train_dataloader(self) -> Any:
-        return torch.utils.data.DataLoader(torch.randn(64, 4), batch_size=4)
+        return DataLoader(TensorDataset(torch.randn(64, 4)), batch_size=4)
 
     def configure_optimizers(self) -> Any:
         return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)

@@ -12,15 +12,16 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import timm
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from lightning_mim import CIMModule, CMAEModule, ConMIMModule, MimCoModule, MoCoV3Module
+from lightning_mim import ConMIMModule, MimCoModule, MoCoV3Module
 from lightning_mim.data import SampleDataModule, TwoCropViews
 from lightning_mim.methods.cmae import CMAE_OPTIM, MAE_OPTIM
 from lightning_mim.methods.conmim import CONMIM_OPTIM
@@ -29,9 +30,9 @@ from lightning_mim.methods.moco import MOCOV3_OPTIM
 from lightning_mim.nn.init import init_mae_vit_, init_mocov3_vit_, trunc_normal_at_one_std_
 from lightning_mim.optim import DECAY_ALL, TIMM_DECAY_RULE, OptimConfig, WeightDecayRule, param_groups
 
-from .helpers import TINY_BEIT, cpu_trainer
+from .helpers import TINY_VIT_4X4, attention_heads, cpu_trainer, tiny_cim, tiny_cmae, tiny_conmim, tiny_mocov3
 
-TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 2}
+WIDE_8X8 = {**TINY_VIT_4X4, "patch_size": 4}  # CMAE's and CIM's 8x8 grid here, 48 wide
 #: std of a standard normal truncated at +-1: sqrt(1 - 2 phi(1) / (2 Phi(1) - 1))
 TRUNC_AT_ONE = math.sqrt(1 - 2 * math.exp(-0.5) / math.sqrt(2 * math.pi) / math.erf(1 / math.sqrt(2)))
 
@@ -64,7 +65,7 @@ def test_trunc_normal_closed_form() -> None:
 
 
 def test_conmim_decay_rule_is_the_official_one() -> None:
-    module = ConMIMModule(backbone_kwargs=TINY_BEIT, proj_hidden_dim=64, proj_dim=32, optim=quick(CONMIM_OPTIM))
+    module = tiny_conmim(optim=quick(CONMIM_OPTIM))
     exempt, decayed = no_decay_after_one_step(module)
     per_block = [
         "attn.proj.bias", "attn.q_bias", "attn.v_bias", "gamma_1", "gamma_2", "mlp.fc1.bias", "mlp.fc2.bias",
@@ -86,7 +87,7 @@ def test_conmim_decay_rule_is_the_official_one() -> None:
 
 
 def test_mocov3_decays_every_parameter() -> None:
-    module = MoCoV3Module(backbone_kwargs=TINY_VIT, proj_hidden_dim=64, proj_dim=16, optim=quick(MOCOV3_OPTIM))
+    module = tiny_mocov3(optim=quick(MOCOV3_OPTIM))
     exempt, decayed = no_decay_after_one_step(module, train_views=TwoCropViews(32))
     assert exempt == set()
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
@@ -96,7 +97,7 @@ def test_mocov3_decays_every_parameter() -> None:
 
 def test_decoupled_decay_of_one_adamw_step_follows_the_rule() -> None:
     """With zero gradients, one AdamW step multiplies decayed parameters by 1 - lr * wd, exactly."""
-    module = MoCoV3Module(backbone_kwargs=TINY_VIT, proj_hidden_dim=64, proj_dim=16)
+    module = tiny_mocov3()
     model = nn.ModuleDict({"base": module.base, "predictor": module.predictor})
     for rule, scaled in ((DECAY_ALL, "all"), (TIMM_DECAY_RULE, "matrices but the class token")):
         before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -111,21 +112,6 @@ def test_decoupled_decay_of_one_adamw_step_follows_the_rule() -> None:
             factor = 0.95 if scaled == "all" or matrix else 1.0
             assert torch.allclose(param, before[name] * factor, rtol=1e-6, atol=0), (rule, name)
             param.data.copy_(before[name])
-
-
-def cmae_tiny(**kwargs: Any) -> CMAEModule:
-    defaults: dict[str, Any] = dict(
-        backbone="vit_small_patch16_224",
-        backbone_kwargs={**TINY_VIT, "patch_size": 4},
-        decoder_dim=32,
-        decoder_depth=1,
-        feature_decoder_depth=1,
-        decoder_heads=2,
-        proj_hidden_dim=64,
-        proj_dim=16,
-        optim=quick(CMAE_OPTIM),
-    )
-    return CMAEModule(**{**defaults, **kwargs})
 
 
 ENCODER_BLOCK = [
@@ -143,7 +129,7 @@ def _decoder(prefix: str) -> set[str]:
 def test_cmae_decay_rule_is_the_official_one() -> None:
     from lightning_mim.data import CMAEViews
 
-    module = cmae_tiny()
+    module = tiny_cmae(backbone_kwargs=WIDE_8X8, feature_decoder_depth=1, optim=quick(CMAE_OPTIM))
     exempt, decayed = no_decay_after_one_step(module, train_views=CMAEViews(size=32, shift=4))
     encoder = {f"online_encoder.vit.blocks.{i}.{n}" for i in range(2) for n in ENCODER_BLOCK} | {
         "online_encoder.vit.cls_token",
@@ -167,7 +153,9 @@ def test_cmae_decay_rule_is_the_official_one() -> None:
 def test_mae_decay_rule_is_the_official_one() -> None:
     from lightning_mim.data import MAEViews
 
-    module = cmae_tiny(contrastive_weight=0.0, optim=quick(MAE_OPTIM))
+    module = tiny_cmae(
+        backbone_kwargs=WIDE_8X8, feature_decoder_depth=1, contrastive_weight=0.0, optim=quick(MAE_OPTIM)
+    )
     exempt, decayed = no_decay_after_one_step(module, train_views=MAEViews(size=32))
     expected = (
         {f"online_encoder.vit.blocks.{i}.{n}" for i in range(2) for n in ENCODER_BLOCK}
@@ -183,7 +171,7 @@ def test_methods_without_official_code_keep_timms_rule_and_rules_are_configurabl
     from lightning_mim.methods.mimco import MIMCO_OPTIM
 
     assert MIMCO_OPTIM.decay_rule == CIM_OPTIM.decay_rule == TIMM_DECAY_RULE  # DEFAULT, as before 0.2
-    vit = timm.create_model("vit_small_patch16_224", num_classes=3, **TINY_VIT)
+    vit = timm.create_model("vit_small_patch16_224", num_classes=3, **TINY_VIT_4X4)
     assert WeightDecayRule(one_dim=False, bias=False, names=("cls_token",), module_hooks=False).exempt_names(vit) == {
         "cls_token"
     }
@@ -197,7 +185,7 @@ def test_methods_without_official_code_keep_timms_rule_and_rules_are_configurabl
 
 
 def test_layer_decay_groups_follow_the_rule() -> None:
-    vit = timm.create_model("vit_small_patch16_224", num_classes=3, **TINY_VIT)
+    vit = timm.create_model("vit_small_patch16_224", num_classes=3, **TINY_VIT_4X4)
     groups = param_groups(vit, 0.05, layer_decay=0.5, rule=DECAY_ALL)
     assert all(g["weight_decay"] == 0.05 for g in groups)
     assert sorted({g["lr_scale"] for g in groups}) == pytest.approx([0.125, 0.25, 0.5, 1.0])
@@ -239,21 +227,23 @@ def test_mocov3_initialisation_closed_forms(arch: str, patch_std: float) -> None
 
 def test_mocov3_module_applies_the_official_init_by_default() -> None:
     official = MoCoV3Module(proj_hidden_dim=64, proj_dim=16, backbone_kwargs={"depth": 1})
-    assert official.encoder().patch_embed.proj.weight.std().item() == pytest.approx(0.0417, rel=0.03)
+    official_patch = cast(VisionTransformer, official.encoder()).patch_embed.proj
+    assert official_patch.weight.std().item() == pytest.approx(0.0417, rel=0.03)
     timm_init = MoCoV3Module(proj_hidden_dim=64, proj_dim=16, backbone_kwargs={"depth": 1}, init="timm")
-    assert timm_init.encoder().patch_embed.proj.weight.std().item() < 0.03  # timm's conv init: about 0.021
+    timm_patch = cast(VisionTransformer, timm_init.encoder()).patch_embed.proj
+    assert timm_patch.weight.std().item() < 0.03  # timm's conv init: about 0.021
     assert torch.equal(
         torch.cat([p.flatten() for p in official.base.parameters()]),
         torch.cat([p.flatten() for p in official.momentum_branch.parameters()]),
     )  # the momentum copy starts from the initialised base
     with pytest.raises(ValueError, match="init"):
-        MoCoV3Module(backbone_kwargs=TINY_VIT, init="xavier")  # type: ignore[arg-type]
+        MoCoV3Module(backbone_kwargs=TINY_VIT_4X4, init="xavier")  # type: ignore[arg-type]
 
 
 def test_conmim_initialisation_is_beits_truncated_normal_with_depth_rescaling() -> None:
-    kwargs = {"img_size": 64, "patch_size": 8, "embed_dim": 192, "depth": 3, "num_heads": 3}
+    kwargs: dict[str, Any] = {"img_size": 64, "patch_size": 8, "embed_dim": 192, "depth": 3, "num_heads": 3}
     module = ConMIMModule(backbone_kwargs=kwargs, proj_hidden_dim=512, proj_dim=64)
-    encoder, projector = module.student.encoder, module.student.projector
+    encoder, projector = module.student.encoder, cast(nn.Sequential, module.student.projector)
     std = TRUNC_AT_ONE * 0.02  # 0.0108
 
     def check(weight: torch.Tensor, scale: float = 1.0) -> None:
@@ -281,8 +271,10 @@ def test_conmim_initialisation_is_beits_truncated_normal_with_depth_rescaling() 
 
 
 def test_cmae_encoder_initialisation_is_maes_xavier() -> None:
-    kwargs = {"img_size": 64, "patch_size": 8, "embed_dim": 384, "depth": 2, "num_heads": 6}
-    module = cmae_tiny(backbone_kwargs=kwargs, decoder_dim=64, decoder_heads=4)
+    kwargs: dict[str, Any] = {"img_size": 64, "patch_size": 8, "embed_dim": 384, "depth": 2, "num_heads": 6}
+    module = tiny_cmae(
+        backbone_kwargs=kwargs, decoder_dim=64, feature_decoder_depth=1, decoder_heads=4, optim=quick(CMAE_OPTIM)
+    )
     vit: Any = module.online_encoder.vit
     patch = vit.patch_embed.proj
     fan_in = 3 * 8 * 8
@@ -298,16 +290,15 @@ def test_cmae_encoder_initialisation_is_maes_xavier() -> None:
     raw: Any = timm.create_model("vit_small_patch16_224", num_classes=0, **kwargs)
     init_mae_vit_(raw)
     _check_uniform(raw.blocks[1].attn.proj.weight, math.sqrt(6 / (384 + 384)))
-    assert cmae_tiny(init="timm").online_encoder.vit.blocks[0].attn.qkv.weight.std().item() == pytest.approx(
-        0.02, rel=0.15
-    )
+    timm_init = tiny_cmae(backbone_kwargs=WIDE_8X8, feature_decoder_depth=1, init="timm", optim=quick(CMAE_OPTIM))
+    assert timm_init.online_encoder.vit.blocks[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.15)
 
 
 # -------------------------------------------------------------------------- recipe batches
 def test_a_run_at_another_global_batch_warns_with_the_flag_that_restores_it() -> None:
     def fit(recipe: int | None, base: int | None = None) -> None:
         optim = dataclasses.replace(quick(CONMIM_OPTIM), recipe_batch_size=recipe, base_batch_size=base)
-        module = ConMIMModule(backbone_kwargs=TINY_BEIT, proj_hidden_dim=64, proj_dim=32, optim=optim)
+        module = tiny_conmim(optim=optim)
         cpu_trainer(max_steps=1, limit_val_batches=0).fit(module, data())
 
     with pytest.warns(UserWarning, match=r"global batch is 8 .*recipe's is 32") as record:
@@ -361,14 +352,9 @@ def _as_version_0_1(path: Path, drop_heads: bool = False, encoders_entry: bool =
 
 def test_mocov3_checkpoints_of_version_0_1_resume_and_teach(tmp_path: Path) -> None:
     # 0.1 grouped every method's parameters by timm's rule: its optimizer state has two groups
-    written = MoCoV3Module(
-        backbone_kwargs=TINY_VIT,
-        proj_hidden_dim=64,
-        proj_dim=16,
-        optim=dataclasses.replace(quick(MOCOV3_OPTIM), decay_rule=TIMM_DECAY_RULE),
-    )
+    written = tiny_mocov3(optim=dataclasses.replace(quick(MOCOV3_OPTIM), decay_rule=TIMM_DECAY_RULE))
     old = _as_version_0_1(_fit_and_save(written, tmp_path, train_views=TwoCropViews(32)))
-    module = MoCoV3Module(backbone_kwargs=TINY_VIT, proj_hidden_dim=64, proj_dim=16, optim=quick(MOCOV3_OPTIM))
+    module = tiny_mocov3(optim=quick(MOCOV3_OPTIM))
     trainer = cpu_trainer(max_steps=2, limit_val_batches=0)
     with pytest.warns(UserWarning) as record:
         trainer.fit(module, data(train_views=TwoCropViews(32)), ckpt_path=old)
@@ -377,10 +363,10 @@ def test_mocov3_checkpoints_of_version_0_1_resume_and_teach(tmp_path: Path) -> N
     assert trainer.global_step == 2 and module.optim.decay_rule == TIMM_DECAY_RULE  # resumed with its own groups
     assert len(trainer.optimizers[0].param_groups) == 2
     teacher = load_mocov3_teacher(old)  # stage 2 from a 0.1 stage-1 checkpoint
-    assert torch.equal(
-        teacher.predictor[3].weight, torch.load(old, weights_only=True)["state_dict"]["predictor.3.weight"]
-    )
-    assert torch.all(teacher.predictor[4].running_var == 1)
+    predictor = cast(nn.Sequential, teacher.predictor)
+    linear, batch_norm = cast(nn.Linear, predictor[3]), cast(nn.BatchNorm1d, predictor[4])
+    assert torch.equal(linear.weight, torch.load(old, weights_only=True)["state_dict"]["predictor.3.weight"])
+    assert batch_norm.running_var is not None and torch.all(batch_norm.running_var == 1)
 
 
 def test_six_head_vit_s_of_version_0_1_is_not_loaded_as_twelve_heads(tmp_path: Path) -> None:
@@ -393,13 +379,13 @@ def test_six_head_vit_s_of_version_0_1_is_not_loaded_as_twelve_heads(tmp_path: P
     for encoders_entry in (False, True):  # the 0.1.0 release, and later 0.1 checkpoints
         old = _as_version_0_1(saved, drop_heads=True, encoders_entry=encoders_entry)
         teacher = load_mocov3_teacher(old)  # rebuilt with the 6 heads it was trained with
-        assert teacher.encoder().blocks[0].attn.num_heads == 6
+        assert attention_heads(teacher.encoder()) == 6
         assert torch.allclose(teacher.embed(images), written.embed(images), atol=1e-5)
     stage2 = MimCoModule(backbone_kwargs=vit_s, teacher_ckpt=str(old), patch_hidden_dim=32, proj_hidden_dim=64)
     assert stage2.teacher.blocks[0].attn.num_heads == 6
     # A module built with today's default (12 heads) refuses it instead of running it wrongly.
     module = MoCoV3Module(backbone_kwargs=vit_s, proj_hidden_dim=64, proj_dim=16)
-    assert module.encoder().blocks[0].attn.num_heads == 12
+    assert attention_heads(module.encoder()) == 12
     for old in (tmp_path / "v0.1.ckpt", tmp_path / "v0.1.0.ckpt"):
         with pytest.raises(ValueError, match=r"differ in \['num_heads'\].*num_heads: 6"):
             cpu_trainer(max_steps=2, limit_val_batches=0).fit(module, data(train_views=TwoCropViews(32)), ckpt_path=old)
@@ -419,27 +405,28 @@ def test_six_head_vit_s_of_version_0_1_is_not_loaded_as_twelve_heads(tmp_path: P
 
 def test_conmim_and_cmae_checkpoints_of_version_0_1_resume(tmp_path: Path) -> None:
     timm_rule = dataclasses.replace(quick(CONMIM_OPTIM), decay_rule=TIMM_DECAY_RULE)
-    written = ConMIMModule(backbone_kwargs=TINY_BEIT, proj_hidden_dim=64, proj_dim=32, optim=timm_rule)
+    written = tiny_conmim(optim=timm_rule)
     old = _as_version_0_1(_fit_and_save(written, tmp_path))
-    module = ConMIMModule(backbone_kwargs=TINY_BEIT, proj_hidden_dim=64, proj_dim=32, optim=quick(CONMIM_OPTIM))
+    module = tiny_conmim(optim=quick(CONMIM_OPTIM))
     trainer = cpu_trainer(max_steps=2, limit_val_batches=0)
     with pytest.warns(UserWarning, match="lightning-mim 0.1"):
         trainer.fit(module, data(), ckpt_path=old)
     assert trainer.global_step == 2 and module.optim.decay_rule == TIMM_DECAY_RULE
     # A checkpoint of this version resumes with the official rule, silently.
-    new = _fit_and_save(
-        ConMIMModule(backbone_kwargs=TINY_BEIT, proj_hidden_dim=64, proj_dim=32, optim=quick(CONMIM_OPTIM)),
-        tmp_path / "new",
-    )
-    module = ConMIMModule(backbone_kwargs=TINY_BEIT, proj_hidden_dim=64, proj_dim=32, optim=quick(CONMIM_OPTIM))
+    new = _fit_and_save(tiny_conmim(optim=quick(CONMIM_OPTIM)), tmp_path / "new")
+    module = tiny_conmim(optim=quick(CONMIM_OPTIM))
     cpu_trainer(max_steps=2, limit_val_batches=0).fit(module, data(), ckpt_path=new)
     assert module.optim.decay_rule == CONMIM_OPTIM.decay_rule
     # CMAE likewise
     from lightning_mim.data import CMAEViews
 
-    written_cmae = cmae_tiny(optim=dataclasses.replace(quick(CMAE_OPTIM), decay_rule=TIMM_DECAY_RULE))
+    written_cmae = tiny_cmae(
+        backbone_kwargs=WIDE_8X8,
+        feature_decoder_depth=1,
+        optim=dataclasses.replace(quick(CMAE_OPTIM), decay_rule=TIMM_DECAY_RULE),
+    )
     old = _as_version_0_1(_fit_and_save(written_cmae, tmp_path / "cmae", train_views=CMAEViews(size=32, shift=4)))
-    module_cmae = cmae_tiny()
+    module_cmae = tiny_cmae(backbone_kwargs=WIDE_8X8, feature_decoder_depth=1, optim=quick(CMAE_OPTIM))
     trainer = cpu_trainer(max_steps=2, limit_val_batches=0)
     with pytest.warns(UserWarning, match="lightning-mim 0.1"):
         trainer.fit(module_cmae, data(train_views=CMAEViews(size=32, shift=4)), ckpt_path=old)
@@ -448,13 +435,5 @@ def test_conmim_and_cmae_checkpoints_of_version_0_1_resume(tmp_path: Path) -> No
 
 def test_cim_module_is_untouched_by_the_rules() -> None:
     """CIM has no official code: its rule stays timm's (DEFAULT) and its networks keep their init."""
-    from lightning_mim.nn import VQTokenizer
-
-    module = CIMModule(
-        enhancer="vit_small_patch16_224",
-        enhancer_kwargs={**TINY_BEIT, "patch_size": 4},
-        tokenizer=VQTokenizer(vocab_size=32, code_dim=8, hidden_dim=16, num_res_blocks=1, downsample=4),
-        generator_kwargs={"depth": 1},
-        window=4,
-    )
+    module = tiny_cim(enhancer_kwargs=WIDE_8X8, masking=None)  # the default masking
     assert module.optim.decay_rule == TIMM_DECAY_RULE

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
+from lightning.pytorch.callbacks import RichProgressBar
 
 from lightning_mim.cli import RECIPES, LightningMIMCLI, main, resolve_config_args
 
@@ -130,15 +131,16 @@ def test_a_step_limited_run_shows_its_steps_not_epoch_minus_two(
     monkeypatch.chdir(tmp_path)
     cli = LightningMIMCLI(args=["--config", "quickstart/conmim.yaml", "--trainer.logger", "false"], run=False)
     bar = cli.trainer.progress_bar_callback
-    assert bar is not None
+    assert isinstance(bar, RichProgressBar)
     bar.setup(cli.trainer, cli.model, "fit")
-    description = bar._get_train_description(0)  # type: ignore[attr-defined]
+    description = bar._get_train_description(0)
     assert "-2" not in description and "Epoch 0 (of a 1000-step run)" in description  # max_epochs -1, max_steps 1000
     cli = LightningMIMCLI(
         args=["--config", "quickstart/conmim.yaml", "--trainer.logger", "false", "--trainer.max_epochs", "3"],
         run=False,
     )
     bar = cli.trainer.progress_bar_callback
+    assert isinstance(bar, RichProgressBar)
     bar.setup(cli.trainer, cli.model, "fit")
     assert bar._get_train_description(1).strip() == "Epoch 1/2"  # epoch-limited runs keep Lightning's label
 

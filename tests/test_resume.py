@@ -16,7 +16,7 @@ from lightning_mim._rng import seed_torch
 from lightning_mim.data import ResumableSampler, SampleDataModule
 from lightning_mim.data.folder import TensorImageDataset
 from lightning_mim.data.sampling import apply_seeded
-from tests.helpers import CrashAt, cpu_trainer, tiny_method
+from tests.helpers import TINY_METHODS, CrashAt, cpu_trainer, tiny_method
 
 
 class _Record(pl.Callback):
@@ -192,6 +192,12 @@ def test_method_resumes_exactly_from_an_epoch_boundary(method: str, tmp_path: Pa
     resumed = _fit_method(method, tmp_path / "b", [], ckpt_path=str(last))
     assert resumed[1].global_step == reference[1].global_step == 8
     _assert_same_state(reference, resumed)
+
+
+def test_tiny_method_names_the_methods_it_knows() -> None:
+    assert sorted(METHODS) == sorted(TINY_METHODS)  # every method is resumed above
+    with pytest.raises(ValueError, match=r"unknown method 'moco'; expected one of conmim, mimco, mocov3, vq_tokenizer"):
+        tiny_method("moco")
 
 
 def test_method_resumes_exactly_mid_epoch(tmp_path: Path) -> None:

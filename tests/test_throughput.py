@@ -7,36 +7,21 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightning_mim import CMAEModule
 from lightning_mim.callbacks import MFUMonitor
 from lightning_mim.data import SampleDataModule
 
-from .helpers import cpu_trainer
-
-TINY_VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
-
-
-def tiny(**kwargs) -> CMAEModule:
-    torch.manual_seed(0)
-    return CMAEModule(
-        "vit_small_patch16_224",
-        TINY_VIT,
-        decoder_dim=16,
-        decoder_depth=1,
-        decoder_heads=2,
-        proj_hidden_dim=32,
-        **kwargs,
-    )
+from .helpers import cpu_trainer, tiny_cmae
 
 
 def test_mfu_monitor_measures_step_flops_and_logs_mfu(tmp_path) -> None:
-    module = tiny()
+    module = tiny_cmae(decoder_dim=16, proj_hidden_dim=32, proj_dim=256)  # 256: CMAE's default projection
     monitor = MFUMonitor(available_tflops=1.0, window_size=2)
     logger = CSVLogger(tmp_path)
     trainer = cpu_trainer(max_steps=4, limit_val_batches=0, callbacks=[monitor], log_every_n_steps=1, logger=logger)
     trainer.fit(module, SampleDataModule(batch_size=8, num_workers=0, train_size=64, val_size=8))
     # the counted FLOPs equal a forward + backward of the same step counted by hand
-    reference = tiny()
+    torch.manual_seed(0)  # the trained module's initial weights
+    reference = tiny_cmae(decoder_dim=16, proj_hidden_dim=32, proj_dim=256)
     batch = {"images": torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)}
     batch["target_images"] = batch["images"]
     reference.log = lambda *a, **k: None  # type: ignore[method-assign]
@@ -53,7 +38,7 @@ def test_mfu_monitor_measures_step_flops_and_logs_mfu(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_compile_trains_on_cpu() -> None:
-    module = tiny(compile=True)
+    module = tiny_cmae(decoder_dim=16, proj_hidden_dim=32, proj_dim=256, compile=True)
     trainer = cpu_trainer(max_steps=2, limit_val_batches=0)
     trainer.fit(module, SampleDataModule(batch_size=8, num_workers=0, train_size=16, val_size=8))
     assert getattr(module.online_encoder, "_compiled_call_impl", None) is not None
@@ -67,7 +52,8 @@ def test_grad_checkpointing_gives_the_same_gradients() -> None:
     batch["target_images"] = batch["images"]
     grads = []
     for checkpointing in (False, True):
-        module = tiny(grad_checkpointing=checkpointing)
+        torch.manual_seed(0)  # the same weights both times
+        module = tiny_cmae(decoder_dim=16, proj_hidden_dim=32, proj_dim=256, grad_checkpointing=checkpointing)
         assert module.online_encoder.vit.grad_checkpointing is checkpointing
         assert not module.target_encoder.vit.grad_checkpointing  # the no-grad target is not recomputed
         module.log = lambda *a, **k: None  # type: ignore[method-assign]

@@ -6,6 +6,7 @@ import pathlib
 import pickle
 import re
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,17 +15,13 @@ import lightning
 import pytest
 import torch
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_mim import (
-    CIMModule,
-    CMAEModule,
     ConMIMModule,
     FineTuneModule,
     LinearProbeModule,
     MimCoModule,
-    MoCoV3Module,
-    VQTokenizerModule,
 )
 from lightning_mim.checkpoint.files import load_checkpoint
 from lightning_mim.checkpoint.meta import read_meta
@@ -32,73 +29,37 @@ from lightning_mim.checkpoint.weights import load_encoder
 from lightning_mim.data import SampleDataModule, TwoCropViews
 from lightning_mim.export import to_timm
 from lightning_mim.masking import GridMasking, MaskGenerator, RandomMasking
-from lightning_mim.nn import VQTokenizer
 
-from .helpers import TINY_BEIT, cpu_trainer
-
-TINY_VIT = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 1, "num_heads": 2}  # 4x4 patch grid
-CIM_VIT = {"img_size": 32, "patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}  # 8x8 token grid
-
+from .helpers import (
+    TINY_VIT_4X4,
+    TINY_VIT_8X8,
+    cpu_trainer,
+    tiny_cim,
+    tiny_cmae,
+    tiny_conmim,
+    tiny_mimco,
+    tiny_mocov3,
+    tiny_vq_tokenizer,
+)
 
 # ------------------------------------------------------------------------------ tiny modules
-def conmim(**kwargs: Any) -> ConMIMModule:
-    return ConMIMModule(**{"backbone_kwargs": TINY_BEIT, "proj_hidden_dim": 32, "proj_dim": 16, **kwargs})
-
-
-def mimco(**kwargs: Any) -> MimCoModule:
-    defaults = {
-        "backbone_kwargs": TINY_VIT,
-        "allow_random_teacher": True,
-        "patch_hidden_dim": 32,
-        "proj_hidden_dim": 32,
-    }
-    return MimCoModule(**{**defaults, **kwargs})
-
-
-def cmae(**kwargs: Any) -> CMAEModule:
-    defaults = dict(
-        backbone="vit_small_patch16_224",
-        backbone_kwargs=TINY_VIT,
-        decoder_dim=16,
-        decoder_depth=1,
-        decoder_heads=2,
-        proj_hidden_dim=32,
-        proj_dim=16,
-    )
-    return CMAEModule(**{**defaults, **kwargs})
-
-
-def tiny_tokenizer() -> VQTokenizer:
-    return VQTokenizer(vocab_size=32, code_dim=8, hidden_dim=16, num_res_blocks=1, downsample=4)
-
-
-def cim(**kwargs: Any) -> CIMModule:
-    defaults = dict(
-        enhancer="vit_small_patch16_224",
-        enhancer_kwargs=CIM_VIT,
-        tokenizer=tiny_tokenizer(),
-        generator_kwargs={"depth": 1},
-        window=4,
-    )
-    return CIMModule(**{**defaults, **kwargs})
-
-
-def moco(**kwargs: Any) -> MoCoV3Module:
-    return MoCoV3Module(**{"backbone_kwargs": TINY_VIT, "proj_hidden_dim": 32, "proj_dim": 16, **kwargs})
-
-
-def vq(**kwargs: Any) -> VQTokenizerModule:
-    defaults = dict(vocab_size=32, code_dim=8, hidden_dim=16, num_res_blocks=1, downsample=4, image_size=32)
-    return VQTokenizerModule(**{**defaults, **kwargs})
+# These tests build some 130 modules to check their arguments: one-block backbones and narrow heads.
+ONE_BLOCK = {**TINY_VIT_4X4, "depth": 1}  # 4x4 patch grid
+ONE_BLOCK_8X8 = {**TINY_VIT_8X8, "depth": 1}  # CIM's 8x8 token grid
+conmim = partial(tiny_conmim, proj_hidden_dim=32, proj_dim=16)
+mimco = partial(tiny_mimco, backbone_kwargs=ONE_BLOCK, proj_hidden_dim=32)
+cmae = partial(tiny_cmae, backbone_kwargs=ONE_BLOCK, decoder_dim=16, proj_hidden_dim=32)
+cim = partial(tiny_cim, enhancer_kwargs=ONE_BLOCK_8X8, masking=None)  # CIM's default masking
+moco = partial(tiny_mocov3, backbone_kwargs=ONE_BLOCK, proj_hidden_dim=32)
 
 
 def finetune(**kwargs: Any) -> FineTuneModule:
-    defaults = dict(arch="vit_small_patch16_224", model_kwargs=TINY_VIT, num_classes=10, image_size=32)
+    defaults = dict(arch="vit_small_patch16_224", model_kwargs=ONE_BLOCK, num_classes=10, image_size=32)
     return FineTuneModule(**{**defaults, **kwargs})
 
 
 def linear(**kwargs: Any) -> LinearProbeModule:
-    defaults = dict(arch="vit_small_patch16_224", model_kwargs=TINY_VIT, num_classes=10, image_size=32)
+    defaults = dict(arch="vit_small_patch16_224", model_kwargs=ONE_BLOCK, num_classes=10, image_size=32)
     return LinearProbeModule(**{**defaults, **kwargs})
 
 
@@ -124,7 +85,7 @@ BAD_ARGUMENTS = [
         r"^ConMIMModule\(backbone='vit_nonexistent'\): unknown timm architecture; see timm\.list_models\('vit_\*'\)$",
     ),
     (
-        lambda: conmim(backbone_kwargs={**TINY_BEIT, "img_size": 30}),
+        lambda: conmim(backbone_kwargs={**TINY_VIT_4X4, "img_size": 30}),
         r"^ConMIMModule\(backbone_kwargs\): image size 30x30 is not divisible by the patch size 8x8; the patch "
         r"embedding would silently drop the last 6 pixel rows and 6 columns",
     ),
@@ -166,12 +127,12 @@ BAD_ARGUMENTS = [
         r"stay visible, it must mask between 1 and 15$",
     ),
     (
-        lambda: cmae(backbone_kwargs={**TINY_VIT, "img_size": 56}),  # 7x7 patches
+        lambda: cmae(backbone_kwargs={**ONE_BLOCK, "img_size": 56}),  # 7x7 patches
         r"^CMAEModule\(backbone_kwargs\): the default masking \(2x2-patch cells\) needs an even patch grid, got "
         r"\(7, 7\)",
     ),
     (
-        lambda: cmae(backbone_kwargs={**TINY_VIT, "embed_dim": 50, "num_heads": 3}),
+        lambda: cmae(backbone_kwargs={**ONE_BLOCK, "embed_dim": 50, "num_heads": 3}),
         r"^CMAEModule\(backbone_kwargs=\{.*\}\): timm cannot build 'vit_small_patch16_224' with these arguments "
         r"\(AssertionError: dim should be divisible by num_heads\)$",
     ),
@@ -188,7 +149,7 @@ BAD_ARGUMENTS = [
         r"^CIMModule\(image_size=64\) disagrees with enhancer_kwargs img_size=32: give one of them$",
     ),
     (
-        lambda: cim(enhancer_kwargs={**CIM_VIT, "img_size": 30}),
+        lambda: cim(enhancer_kwargs={**ONE_BLOCK_8X8, "img_size": 30}),
         r"^CIMModule\(enhancer_kwargs\): image size 30x30 is not divisible by the patch size 4x4",
     ),
     (lambda: cim(masking=FixedCount(8, 65)), r"^CIMModule\(masking=FixedCount\(8, 65\)\): masks 65 of the 64"),
@@ -196,23 +157,23 @@ BAD_ARGUMENTS = [
     # MoCo v3
     (lambda: moco(backbone="vit_nonexistent"), r"^MoCoV3Module\(backbone='vit_nonexistent'\): unknown timm"),
     (
-        lambda: moco(backbone_kwargs={**TINY_VIT, "img_size": 36}),
+        lambda: moco(backbone_kwargs={**ONE_BLOCK, "img_size": 36}),
         r"^MoCoV3Module\(backbone_kwargs\): image size 36x36 is not divisible by the patch size 8x8",
     ),
     (lambda: moco(momentum=-0.5), r"^MoCoV3Module\(momentum=-0\.5\): an EMA momentum must be in \[0, 1\]"),
     (lambda: moco(proj_dim=0), r"^MoCoV3Module\(proj_dim=0\): must be > 0$"),
     (
-        lambda: moco(backbone_kwargs={**TINY_VIT, "embed_dim": 50, "num_heads": 3}),
+        lambda: moco(backbone_kwargs={**ONE_BLOCK, "embed_dim": 50, "num_heads": 3}),
         r"^MoCoV3Module\(backbone_kwargs=.*\): timm cannot build 'vit_small_patch16_224'",
     ),
     # VQ tokenizer (CIM stage 0)
     (
-        lambda: vq(crop_scale=(0.5, 0.2)),
+        lambda: tiny_vq_tokenizer(crop_scale=(0.5, 0.2)),
         r"^VQTokenizerModule\(crop_scale=\(0\.5, 0\.2\)\): the crop's \(min, max\) fraction of the image area must "
         r"satisfy 0 < min <= max <= 1$",
     ),
-    (lambda: vq(downsample=0), r"^VQTokenizerModule\(downsample=0\): must be > 0$"),
-    (lambda: vq(hidden_dim=0), r"^VQTokenizerModule\(hidden_dim=0\): must be > 0$"),
+    (lambda: tiny_vq_tokenizer(downsample=0), r"^VQTokenizerModule\(downsample=0\): must be > 0$"),
+    (lambda: tiny_vq_tokenizer(hidden_dim=0), r"^VQTokenizerModule\(hidden_dim=0\): must be > 0$"),
     # fine-tuning and linear probing
     (lambda: finetune(arch="vit_nonexistent"), r"^FineTuneModule\(arch='vit_nonexistent'\): unknown timm architecture"),
     (
@@ -224,7 +185,7 @@ BAD_ARGUMENTS = [
     (lambda: finetune(mixup=-0.5), r"^FineTuneModule\(mixup=-0\.5, cutmix=1\.0\): Beta-distribution alphas must be"),
     (lambda: finetune(drop_path_rate=1.0), r"^FineTuneModule\(drop_path_rate=1\.0\): a drop probability must be in"),
     (
-        lambda: finetune(model_kwargs={**TINY_VIT, "img_size": 30}),
+        lambda: finetune(model_kwargs={**ONE_BLOCK, "img_size": 30}),
         r"^load_encoder\(model_kwargs\): image size 30x30 is not divisible by the patch size 8x8",
     ),
     (lambda: linear(arch="vit_nonexistent"), r"^LinearProbeModule\(arch='vit_nonexistent'\): unknown timm"),
@@ -251,8 +212,8 @@ def test_arguments_at_the_edges_of_their_ranges_are_accepted() -> None:
     assert cmae(contrastive_weight=0.0).contrastive is False  # plain MAE
     assert cim(window=63).window == 63
     assert RandomMasking(2, 0.74).num_masking_patches == 3
-    assert finetune(model_kwargs={**TINY_VIT, "dynamic_img_size": True}, image_size=48).image_size == 48
-    small = {k: v for k, v in TINY_VIT.items() if k != "img_size"}
+    assert finetune(model_kwargs={**ONE_BLOCK, "dynamic_img_size": True}, image_size=48).image_size == 48
+    small = {k: v for k, v in ONE_BLOCK.items() if k != "img_size"}
     random_vit = linear(model_kwargs=small, image_size=48).encoder  # no weights: built for the crop size
     assert tuple(random_vit.patch_embed.img_size) == (48, 48)
 
@@ -265,7 +226,7 @@ def test_a_non_vit_moco_backbone_is_refused() -> None:
 def test_mimco_teacher_must_match_the_student(tmp_path: Path) -> None:
     import timm
 
-    fine = {**TINY_VIT, "patch_size": 4}  # an 8x8 patch grid at 32 px
+    fine = {**ONE_BLOCK, "patch_size": 4}  # an 8x8 patch grid at 32 px
     weights = tmp_path / "teacher.safetensors"
     save_file(timm.create_model("vit_small_patch16_224", num_classes=0, **fine).state_dict(), str(weights))
     kwargs: dict[str, Any] = dict(
@@ -290,9 +251,9 @@ def test_mimco_teacher_must_match_the_student(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ global batch for InfoNCE
-def attach(module: Any, batch_size: int, world_size: int = 1, drop_last: bool = True, size: int = 8) -> Any:
+def attach(module: Any, batch_size: int | None, world_size: int = 1, drop_last: bool = True, size: int = 8) -> Any:
     """``module`` on a stand-in trainer whose training loader has the given batch layout."""
-    loader = DataLoader(list(range(size)), batch_size=batch_size, drop_last=drop_last)
+    loader = DataLoader(TensorDataset(torch.arange(size)), batch_size=batch_size, drop_last=drop_last)
     module.trainer = SimpleNamespace(train_dataloader=loader, world_size=world_size)
     return module
 
@@ -361,8 +322,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.save({"epoch": 3, "global_step": 10}, paths["no_state_dict"])
     torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 0}, paths["no_metadata"])
     torch.save(checkpoint_of(conmim()), paths["conmim"])
-    torch.save(checkpoint_of(vq()), paths["vq_tokenizer"])
-    older = checkpoint_of(vq())
+    torch.save(checkpoint_of(tiny_vq_tokenizer()), paths["vq_tokenizer"])
+    older = checkpoint_of(tiny_vq_tokenizer())
     older["lightning_mim"] = {"method": "vq_tokenizer"}  # before the tokenizer arguments were recorded
     torch.save(older, paths["vq_tokenizer_older"])
     torch.save({"state_dict": {"w": Malicious(folder / "pwned")}, "lightning_mim": {"method": "conmim"}}, paths["evil"])
@@ -463,7 +424,7 @@ def test_mimco_teacher_weights_files_are_checked(files: dict[str, Path], tmp_pat
             allow_random_teacher=False,
             teacher_arch="vit_small_patch16_224",
             teacher_weights=str(weights),
-            teacher_kwargs=TINY_VIT,
+            teacher_kwargs=ONE_BLOCK,
         )
 
     for fault in ("garbage", "empty", "text", "evil"):
@@ -516,7 +477,7 @@ def test_on_load_checkpoint_of_another_method_names_both() -> None:
         "mae": cmae(contrastive_weight=0.0),
         "cim": cim(),
         "mocov3": moco(),
-        "vq_tokenizer": vq(),
+        "vq_tokenizer": tiny_vq_tokenizer(),
     }
     entries = {}
     for method, module in modules.items():
@@ -578,7 +539,7 @@ def our_loaders(evil: Path, weights: Path, out: Path) -> dict[str, Callable[[], 
             allow_random_teacher=False,
             teacher_arch="vit_small_patch16_224",
             teacher_weights=str(weights),
-            teacher_kwargs=TINY_VIT,
+            teacher_kwargs=ONE_BLOCK,
         ),
         "CIM tokenizer_ckpt": lambda: cim(tokenizer=None, tokenizer_ckpt=str(evil)),
     }
