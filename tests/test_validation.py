@@ -91,6 +91,10 @@ BAD_ARGUMENTS = [
     ),
     (lambda: conmim(momentum=1.5), r"^ConMIMModule\(momentum=1\.5\): an EMA momentum must be in \[0, 1\]"),
     (
+        lambda: conmim(eval_encoder="both"),
+        r"^ConMIMModule\(eval_encoder='both'\): must be one of 'student', 'teacher'$",
+    ),
+    (
         lambda: conmim(crop_scale=(0.0, 1.0)),
         r"^ConMIMModule\(crop_scale=\(0\.0, 1\.0\)\): the crop's \(min, max\) fraction of the image area must "
         r"satisfy 0 < min <= max <= 1$",
@@ -143,6 +147,11 @@ BAD_ARGUMENTS = [
         r"^CIMModule\(generator='beit_nonexistent'\): unknown timm architecture; see timm\.list_models\('beit_\*'\)$",
     ),
     (lambda: cim(window=1), r"^CIMModule\(window=1\): the ResPix window must be at least 2 pixels"),
+    (
+        lambda: cim(tokenizer_ckpt="stage0.ckpt"),
+        r"^CIMModule\(tokenizer_ckpt='stage0\.ckpt', tokenizer=<VQTokenizer>\): pass one of them, not both$",
+    ),
+    (lambda: cim(tokenizer=None), r"^CIMModule\(tokenizer_ckpt=None, tokenizer=None\): no tokenizer: CIM needs"),
     (lambda: cim(window=64), r"^CIMModule\(window=64\): .* within the 32-pixel image \(at most 63\)$"),
     (
         lambda: cim(image_size=64),
@@ -174,6 +183,11 @@ BAD_ARGUMENTS = [
     ),
     (lambda: tiny_vq_tokenizer(downsample=0), r"^VQTokenizerModule\(downsample=0\): must be > 0$"),
     (lambda: tiny_vq_tokenizer(hidden_dim=0), r"^VQTokenizerModule\(hidden_dim=0\): must be > 0$"),
+    (
+        lambda: tiny_vq_tokenizer(image_size=36, downsample=8),
+        r"^VQTokenizerModule\(image_size=36, downsample=8\): image_size must be a multiple of downsample$",
+    ),
+    (lambda: tiny_vq_tokenizer(commitment=-0.1), r"^VQTokenizerModule\(commitment=-0\.1\): must be >= 0$"),
     # fine-tuning and linear probing
     (lambda: finetune(arch="vit_nonexistent"), r"^FineTuneModule\(arch='vit_nonexistent'\): unknown timm architecture"),
     (
@@ -191,6 +205,11 @@ BAD_ARGUMENTS = [
     (lambda: linear(arch="vit_nonexistent"), r"^LinearProbeModule\(arch='vit_nonexistent'\): unknown timm"),
     (lambda: linear(num_classes=1), r"^LinearProbeModule\(num_classes=1\): a classifier needs at least 2 classes$"),
     (lambda: linear(image_size=224), r"^LinearProbeModule\(image_size=224\): the encoder takes 32x32 images"),
+    (lambda: linear(pool="max"), r"^LinearProbeModule\(pool='max'\): must be one of 'cls', 'mean'$"),
+    (lambda: finetune(num_classes=1), r"^FineTuneModule\(num_classes=1\): a classifier needs at least 2 classes$"),
+    (lambda: finetune(optimizer="sgd"), r"^FineTuneModule\(optimizer='sgd'\): must be one of 'adamw', 'lamb'$"),
+    (lambda: finetune(label_smoothing=1.0), r"^FineTuneModule\(label_smoothing=1\.0\): must be in \[0, 1\)$"),
+    (lambda: finetune(random_erasing=1.5), r"^FineTuneModule\(random_erasing=1\.5\): a probability must be in"),
     # mask generators: a ratio in (0, 1) that still masks every patch of a small grid
     (lambda: RandomMasking(2, 0.9), r"^mask_ratio=0\.9 masks all 4 patches .*at least one must stay visible"),
     (lambda: GridMasking(4, 2, 0.9), r"^mask_ratio=0\.9 masks all 4 2x2 cells"),

@@ -168,7 +168,9 @@ def frozen_tokenizer(
         ValueError: Both or neither given (and random not allowed), in the ``Owner(argument=value): why`` form.
     """
     if path is not None and tokenizer is not None:
-        raise ValueError(f"{owner}(tokenizer_ckpt={path!r}, tokenizer={tokenizer!r}): pass one of them, not both")
+        raise ValueError(
+            f"{owner}(tokenizer_ckpt={path!r}, tokenizer=<{type(tokenizer).__name__}>): pass one of them, not both"
+        )
     if tokenizer is None:
         if path is not None:
             tokenizer = load_vq_tokenizer(Path(path))
