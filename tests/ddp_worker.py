@@ -1,4 +1,4 @@
-"""Run by tests/test_ddp.py in subprocesses: 2-process CPU (gloo) checks."""
+"""Run by tests/test_ddp.py in subprocesses: 2-process CPU (gloo) checks, and the same runs on 1 process."""
 
 from __future__ import annotations
 
@@ -112,8 +112,11 @@ def mimco_image_loss_gap(module) -> float:
 
 
 if __name__ == "__main__":
+    # info_nce OUT | METHOD[,METHOD...] FOLDER: the methods run one after another in one launch (Lightning
+    # starts rank 1 at the first fit; later fits reuse the process group), writing FOLDER/METHOD.rankR
     case, out = sys.argv[1], sys.argv[2]
     if case == "info_nce":
         info_nce_case(out)
     else:
-        method_case(out, int(os.environ.get("DEVICES", "2")), case)
+        for method in case.split(","):
+            method_case(os.path.join(out, method), int(os.environ.get("DEVICES", "2")), method)

@@ -60,21 +60,31 @@ def test_info_nce_two_ranks_equals_one_process_on_the_whole_batch(tmp_path: Path
             assert k.grad is not None and torch.allclose(torch.tensor(entry["k_grad"]), k.grad, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["conmim", "cmae", "mocov3", "mimco", "vq_tokenizer", "cim"])
-def test_ddp_teacher_identical_and_knn_exact(method: str, tmp_path: Path) -> None:
-    out = tmp_path / method
-    run([str(WORKER), method, str(out)], env={"DEVICES": "2"})
-    rank0 = json.loads(Path(f"{out}.rank0").read_text())
-    rank1 = json.loads(Path(f"{out}.rank1").read_text())
+METHODS = ["conmim", "cmae", "mocov3", "mimco", "vq_tokenizer", "cim"]
+WITH_KNN = [m for m in METHODS if m != "vq_tokenizer"]  # the tokenizer has no features to probe
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every method trained by the worker on 2 ranks, then (those with kNN) on 1: one launch each."""
+    root = tmp_path_factory.mktemp("ddp")
+    for folder, devices, methods in (("two", "2", METHODS), ("one", "1", WITH_KNN)):
+        (root / folder).mkdir()
+        run([str(WORKER), ",".join(methods), str(root / folder)], env={"DEVICES": devices}, timeout=900)
+    return root
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ddp_teacher_identical_and_knn_exact(method: str, runs: Path) -> None:
+    rank0 = json.loads((runs / "two" / f"{method}.rank0").read_text())
+    rank1 = json.loads((runs / "two" / f"{method}.rank1").read_text())
     assert rank0["teacher_checksum"] == rank1["teacher_checksum"]  # bit-identical teachers
     if method == "mimco":  # the image-level loss uses every rank's keys: equal to one process on 2B
         assert rank0["image_loss_gap"] < 1e-5 and rank1["image_loss_gap"] < 1e-5
     if method == "vq_tokenizer":  # the EMA codebook is summed over ranks and rank 0's restarts broadcast
         assert rank0["knn"] == [] and rank1["knn"] == []
         return
-    single = tmp_path / "single"
-    run([str(WORKER), method, str(single)], env={"DEVICES": "1"})
-    one = json.loads(Path(f"{single}.rank0").read_text())
+    one = json.loads((runs / "one" / f"{method}.rank0").read_text())
     # the kNN before training does not depend on the data order: 2 ranks must give the 1-rank value
     assert rank0["knn"][0][1] == pytest.approx(one["knn"][0][1], abs=1e-6)
     assert rank0["knn"][0][1] == rank1["knn"][0][1]
