@@ -13,10 +13,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 
 def info_nce_case(out: str) -> None:
-    """Loss and gradients of info_nce on 2 ranks x B against one process on 2B."""
+    """Loss and gradients of info_nce on 2 ranks x B against one process on 2B (in the methods' process group)."""
     from lightning_mim.losses import info_nce
 
-    dist.init_process_group("gloo")
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     g = torch.Generator().manual_seed(0)
     query_all = torch.randn(2 * 4, 8, generator=g)
@@ -47,7 +49,8 @@ def info_nce_case(out: str) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
-    dist.destroy_process_group()
+    if owned:
+        dist.destroy_process_group()
 
 
 def method_case(out: str, devices: int, method: str) -> None:
@@ -112,11 +115,12 @@ def mimco_image_loss_gap(module) -> float:
 
 
 if __name__ == "__main__":
-    # info_nce OUT | METHOD[,METHOD...] FOLDER: the methods run one after another in one launch (Lightning
-    # starts rank 1 at the first fit; later fits reuse the process group), writing FOLDER/METHOD.rankR
-    case, out = sys.argv[1], sys.argv[2]
-    if case == "info_nce":
-        info_nce_case(out)
-    else:
-        for method in case.split(","):
-            method_case(os.path.join(out, method), int(os.environ.get("DEVICES", "2")), method)
+    # CASE[,CASE...] FOLDER: the cases run one after another in one launch (Lightning starts rank 1 at the
+    # first fit; later fits and info_nce reuse the process group). A method writes FOLDER/METHOD.rankR,
+    # info_nce (after a 2-rank method) FOLDER/info_nce.json.
+    cases, out = sys.argv[1].split(","), sys.argv[2]
+    for case in cases:
+        if case == "info_nce":
+            info_nce_case(os.path.join(out, "info_nce.json"))
+        else:
+            method_case(os.path.join(out, case), int(os.environ.get("DEVICES", "2")), case)

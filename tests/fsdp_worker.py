@@ -59,4 +59,7 @@ def main(strategy_name: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    # STRATEGY[,STRATEGY...] FOLDER: one after another in one launch (Lightning starts rank 1 at the first
+    # fit; later fits reuse the process group), each writing FOLDER/STRATEGY.pt and FOLDER/STRATEGY.ckpt
+    for name in sys.argv[1].split(","):
+        main(name, os.path.join(sys.argv[2], name))

@@ -30,22 +30,23 @@ def run(args: list[str], env: dict[str, str] | None = None, timeout: int = 300) 
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-def test_info_nce_two_ranks_equals_one_process_on_the_whole_batch(tmp_path: Path) -> None:
-    out = tmp_path / "info_nce.json"
-    run(
-        [
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            "29533",
-            str(WORKER),
-            "info_nce",
-            str(out),
-        ]
-    )
-    results = json.loads(out.read_text())
+METHODS = ["conmim", "cmae", "mocov3", "mimco", "vq_tokenizer", "cim"]
+WITH_KNN = [m for m in METHODS if m != "vq_tokenizer"]  # the tokenizer has no features to probe
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every method trained by the worker on 2 ranks (then info_nce in their process group), and those
+    with kNN on 1 rank: one launch each."""
+    root = tmp_path_factory.mktemp("ddp")
+    for folder, devices, cases in (("two", "2", [*METHODS, "info_nce"]), ("one", "1", WITH_KNN)):
+        (root / folder).mkdir()
+        run([str(WORKER), ",".join(cases), str(root / folder)], env={"DEVICES": devices}, timeout=900)
+    return root
+
+
+def test_info_nce_two_ranks_equals_one_process_on_the_whole_batch(runs: Path) -> None:
+    results = json.loads((runs / "two" / "info_nce.json").read_text())
     g = torch.Generator().manual_seed(0)
     query, key = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
     for key_grad in (False, True):
@@ -58,20 +59,6 @@ def test_info_nce_two_ranks_equals_one_process_on_the_whole_batch(tmp_path: Path
         assert q.grad is not None and torch.allclose(torch.tensor(entry["q_grad"]), q.grad, atol=1e-6)
         if key_grad:
             assert k.grad is not None and torch.allclose(torch.tensor(entry["k_grad"]), k.grad, atol=1e-6)
-
-
-METHODS = ["conmim", "cmae", "mocov3", "mimco", "vq_tokenizer", "cim"]
-WITH_KNN = [m for m in METHODS if m != "vq_tokenizer"]  # the tokenizer has no features to probe
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every method trained by the worker on 2 ranks, then (those with kNN) on 1: one launch each."""
-    root = tmp_path_factory.mktemp("ddp")
-    for folder, devices, methods in (("two", "2", METHODS), ("one", "1", WITH_KNN)):
-        (root / folder).mkdir()
-        run([str(WORKER), ",".join(methods), str(root / folder)], env={"DEVICES": devices}, timeout=900)
-    return root
 
 
 @pytest.mark.parametrize("method", METHODS)
