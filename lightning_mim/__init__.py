@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from lightning_mim._lazy import lazy_exports
 from lightning_mim.methods import _EXPORTS
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 if TYPE_CHECKING:
     from lightning_mim.methods import *  # noqa: F403 - the method modules, for type checkers
