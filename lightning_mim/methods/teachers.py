@@ -127,10 +127,17 @@ def add_predictor_bn_statistics(state_dict: dict[str, Any], predictor: nn.Module
 
 
 def load_mocov3_teacher(path: str | Path) -> MoCoV3Module:
-    """A MoCoV3Module rebuilt from a stage-1 checkpoint (``weights_only=True``), frozen, eval mode."""
+    """A MoCoV3Module rebuilt from a checkpoint (``weights_only=True``), frozen, eval mode.
+
+    The checkpoint is a stage-1 run's, a converted official one, or an official MoCo v3 file itself
+    (converted on loading, see :mod:`lightning_mim.convert`).
+    """
+    from lightning_mim.convert import detect_format, mocov3_module
     from lightning_mim.methods.moco import MoCoV3Module
 
     checkpoint = load_checkpoint(path, "teacher checkpoint", _STAGE1_HINT)
+    if detect_format(checkpoint) == "mocov3":
+        return mocov3_module(checkpoint, f"teacher checkpoint {path}").requires_grad_(False).eval()
     read_meta(checkpoint, "mocov3")  # a clear error for another method's checkpoint
     if not isinstance(checkpoint.get("hyper_parameters"), dict):
         raise ValueError(f"teacher checkpoint {path} has no hyper_parameters to rebuild the MoCo v3 model from")

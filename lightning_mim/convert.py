@@ -1,0 +1,174 @@
+"""Official checkpoints as lightning-mim checkpoints (so far: the released MoCo v3 ViTs).
+
+:func:`convert` reads an official file with ``weights_only=True``, renames its keys to those of the
+module it corresponds to, loads them into that module strictly (every tensor must find its place, and
+every place a tensor), and writes a lightning-mim checkpoint. MimCo's ``teacher_ckpt``, fine-tuning,
+linear probing and ``lightning-mim export`` read it like one of their own; MimCo's ``teacher_ckpt``
+also takes the official file directly (:func:`detect_format`). The converted checkpoint holds weights
+only: continuing pre-training from it starts a new optimizer.
+
+MoCo v3 (facebookresearch/moco-v3, ``main_moco.py``: ``save_checkpoint``) writes ``{"epoch", "arch",
+"state_dict", "optimizer", "scaler"}``; ``state_dict`` is the DDP-wrapped model's, so every key starts
+with ``module.``. The ViT keeps timm's names; its ``head`` is the 3-layer projector and the predictor
+is a 2-layer MLP, both built by ``_build_mlp`` with the layer indices of
+:class:`~lightning_mim.nn.BNProjector`. The mapping (official -> :class:`~lightning_mim.MoCoV3Module`):
+
+====================================  ================================
+``module.base_encoder.head.N.*``      ``base.projector.N.*``
+``module.base_encoder.*``             ``base.encoder.*``
+``module.momentum_encoder.head.N.*``  ``momentum_branch.projector.N.*``
+``module.momentum_encoder.*``         ``momentum_branch.encoder.*``
+``module.predictor.N.*``              ``predictor.N.*``
+====================================  ================================
+
+The released ViTs are ``vit_small`` (12 heads, not timm's 6) and ``vit_base``; the file's ``arch``
+decides the architecture and its tensors the sizes. Heads cannot be read from weight shapes, so a file
+without a known ``arch`` is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning
+import torch
+
+from lightning_mim.checkpoint.files import load_checkpoint
+from lightning_mim.checkpoint.io import AtomicCheckpointIO
+
+if TYPE_CHECKING:
+    from lightning_mim.methods.moco import MoCoV3Module
+
+__all__ = ["MOCOV3_ARCHS", "OFFICIAL_FORMATS", "convert", "detect_format", "mocov3_module"]
+
+#: The official formats :func:`convert` reads.
+OFFICIAL_FORMATS = ("mocov3",)
+
+#: MoCo v3's ViT ``arch`` names (``vits.py``) -> the timm architecture with the same defaults.
+MOCOV3_ARCHS = {"vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224"}
+
+#: Official prefix -> ours, the projectors (``head``) before the encoders that contain them.
+_MOCOV3_PREFIXES = (
+    ("module.base_encoder.head.", "base.projector."),
+    ("module.base_encoder.", "base.encoder."),
+    ("module.momentum_encoder.head.", "momentum_branch.projector."),
+    ("module.momentum_encoder.", "momentum_branch.encoder."),
+    ("module.predictor.", "predictor."),
+)
+
+#: The sizes of the timm architectures in ``MOCOV3_ARCHS``: (embed_dim, depth, patch_size, img_size).
+_TIMM_SIZES = {"vit_small_patch16_224": (384, 12, 16, 224), "vit_base_patch16_224": (768, 12, 16, 224)}
+
+
+def detect_format(checkpoint: dict[str, Any]) -> str | None:
+    """The official format a loaded checkpoint has (one of ``OFFICIAL_FORMATS``), or None."""
+    state = checkpoint.get("state_dict")
+    if "lightning_mim" in checkpoint or not isinstance(state, dict):
+        return None
+    if any(str(key).startswith("module.base_encoder.") for key in state):  # MoCo v3's DDP-wrapped model
+        return "mocov3"
+    return None
+
+
+def _describe(checkpoint: dict[str, Any]) -> str:
+    """What a checkpoint looks like, for an error: its format, or its top-level keys."""
+    found = detect_format(checkpoint)
+    if found is not None:
+        return f"an official {found} checkpoint"
+    if "lightning_mim" in checkpoint:
+        return f"a lightning-mim {checkpoint['lightning_mim'].get('method')} checkpoint"
+    return f"a file with the top-level keys {sorted(map(str, checkpoint))[:8]}"
+
+
+def _mocov3_state(state_dict: dict[str, Any], source: str) -> dict[str, torch.Tensor]:
+    """The official MoCo v3 state dict under :class:`~lightning_mim.MoCoV3Module`'s names."""
+    renamed: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        prefix = next((p for p in _MOCOV3_PREFIXES if key.startswith(p[0])), None)
+        if prefix is None:
+            raise ValueError(
+                f"{source}: the MoCo v3 key {key!r} belongs to no part of the model (expected "
+                f"{', '.join(p for p, _ in _MOCOV3_PREFIXES[1::2])} or module.predictor.)"
+            )
+        renamed[prefix[1] + key[len(prefix[0]) :]] = value
+    return renamed
+
+
+def _mocov3_sizes(state: dict[str, torch.Tensor], backbone: str) -> dict[str, Any]:
+    """The timm arguments in which the file's encoder differs from ``backbone``'s defaults (read from shapes)."""
+    width = int(state["base.encoder.cls_token"].shape[-1])
+    patch = int(state["base.encoder.patch_embed.proj.weight"].shape[-1])
+    side = round((int(state["base.encoder.pos_embed"].shape[1]) - 1) ** 0.5)
+    depth = len({key.split(".")[3] for key in state if key.startswith("base.encoder.blocks.")})
+    read = dict(zip(("embed_dim", "depth", "patch_size", "img_size"), (width, depth, patch, side * patch), strict=True))
+    defaults = dict(zip(read, _TIMM_SIZES[backbone], strict=True))
+    return {name: value for name, value in read.items() if value != defaults[name]}
+
+
+def mocov3_module(checkpoint: dict[str, Any], source: str = "MoCo v3 checkpoint") -> MoCoV3Module:
+    """A :class:`~lightning_mim.MoCoV3Module` holding an official MoCo v3 checkpoint's weights.
+
+    Args:
+        checkpoint: The official file, loaded (``{"arch", "state_dict", ...}``).
+        source: What to call it in errors (its path).
+
+    Raises:
+        ValueError: Not a MoCo v3 ViT checkpoint (another format, ResNet-50 or a conv-stem ViT), or
+            weights that do not fill the model exactly.
+    """
+    from lightning_mim.methods.moco import MoCoV3Module
+
+    if detect_format(checkpoint) != "mocov3":
+        raise ValueError(f"{source}: not an official MoCo v3 checkpoint; it looks like {_describe(checkpoint)}")
+    arch = checkpoint.get("arch")
+    if arch not in MOCOV3_ARCHS:
+        raise ValueError(
+            f"{source}: MoCo v3 arch {arch!r}; lightning-mim converts the ViTs {sorted(MOCOV3_ARCHS)} "
+            "(MoCo v3's ResNet-50 and conv-stem ViTs are not supported)"
+        )
+    state = _mocov3_state(checkpoint["state_dict"], source)
+    hidden, out = (int(state[f"base.projector.{i}.weight"].shape[0]) for i in (0, 6))
+    backbone = MOCOV3_ARCHS[str(arch)]
+    module = MoCoV3Module(backbone, _mocov3_sizes(state, backbone), proj_hidden_dim=hidden, proj_dim=out)
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: its weights do not fill the MoCo v3 {arch} model: missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]}"
+        )
+    return module
+
+
+def convert(src: str | Path, dst: str | Path, format: str | None = None) -> Path:
+    """Writes the official checkpoint ``src`` as a lightning-mim checkpoint ``dst``; returns ``dst``.
+
+    Args:
+        src: The official file (read with ``weights_only=True``: nothing in it is unpickled).
+        dst: The checkpoint to write (atomically; its folder is created).
+        format: One of ``OFFICIAL_FORMATS``; None detects it. A file of another format is refused,
+            naming what it looks like.
+    """
+    if format is not None and format not in OFFICIAL_FORMATS:
+        raise ValueError(f"convert(format={format!r}): must be one of {', '.join(map(repr, OFFICIAL_FORMATS))}")
+    checkpoint = load_checkpoint(src, "official checkpoint")
+    found = detect_format(checkpoint)
+    if found is None or (format is not None and found != format):
+        wanted = f"an official {format} checkpoint" if format else f"one of {', '.join(OFFICIAL_FORMATS)}"
+        raise ValueError(f"{src}: not {wanted}; it looks like {_describe(checkpoint)}")
+    module = mocov3_module(checkpoint, str(src))
+    out: dict[str, Any] = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "epoch": 0,
+        "global_step": 0,
+        "pytorch-lightning_version": lightning.__version__,
+    }
+    origin = {"format": found, "file": Path(src).name, "arch": str(checkpoint["arch"])}
+    if isinstance(checkpoint.get("epoch"), int):
+        origin["epoch"] = checkpoint["epoch"]
+    module.on_save_checkpoint(out)  # the lightning-mim entry: method, encoders, random streams
+    out["lightning_mim"]["converted_from"] = origin
+    dst = Path(dst)
+    AtomicCheckpointIO().save_checkpoint(out, dst)
+    return dst

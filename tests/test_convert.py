@@ -1,0 +1,142 @@
+"""Official MoCo v3 checkpoints: converted, exported, and used as MimCo's teacher without a stage 1."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from lightning_mim.convert import convert
+from lightning_mim.export import create_model, to_timm
+from lightning_mim.methods.teachers import load_mocov3_teacher
+
+from .helpers import TINY_VIT_4X4, cpu_trainer, tiny_conmim, tiny_mimco
+
+# A MoCo v3 ViT-S as facebookresearch/moco-v3 builds it (vits.py, moco/builder.py), at the tiny size:
+# a timm ViT with MoCo v3's 12 heads whose `head` is the 3-layer projector, its momentum copy, and the
+# 2-layer predictor, inside DDP's `module`.
+SIZE: dict[str, Any] = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2}
+HIDDEN, OUT = 64, 16
+
+
+def build_mlp(num_layers: int, in_dim: int, hidden: int, out: int) -> nn.Sequential:
+    """MoCo v3's ``_build_mlp``: Linear (no bias), BN, ReLU per hidden layer; the last BN not affine."""
+    dims = [in_dim] + [hidden] * (num_layers - 1) + [out]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(itertools.pairwise(dims)):
+        layers.append(nn.Linear(a, b, bias=False))
+        layers += [nn.BatchNorm1d(b), nn.ReLU()] if i < num_layers - 1 else [nn.BatchNorm1d(b, affine=False)]
+    return nn.Sequential(*layers)
+
+
+class OfficialMoCoViT(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        vit: Any = timm.create_model("vit_small_patch16_224", num_heads=12, num_classes=0, global_pool="token", **SIZE)
+        vit.head = build_mlp(3, SIZE["embed_dim"], HIDDEN, OUT)
+        self.base_encoder: Any = vit
+        self.momentum_encoder: Any = copy.deepcopy(vit)
+        self.predictor = build_mlp(2, OUT, HIDDEN, OUT)
+
+
+def official_file(path: Path, arch: str = "vit_small") -> OfficialMoCoViT:
+    """Writes a MoCo v3 checkpoint as main_moco.py saves it; every tensor random (pos_embed, BN statistics)."""
+    torch.manual_seed(1)
+    model = OfficialMoCoViT()
+    with torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn_like(tensor) * 0.1)
+        for name, buffer in model.named_buffers():
+            if name.endswith("running_var"):
+                buffer.uniform_(0.5, 1.5)
+    wrapped = nn.Module()
+    wrapped.module = model  # DDP's prefix
+    optimizer = {"state": {}, "param_groups": [{"lr": 1.5e-4, "weight_decay": 0.1, "params": [0, 1]}]}
+    scaler = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000}
+    checkpoint = {"epoch": 300, "arch": arch, "state_dict": wrapped.state_dict(), "optimizer": optimizer}
+    torch.save({**checkpoint, "scaler": scaler}, path)
+    return model.eval()
+
+
+def test_every_part_of_the_official_file_computes_the_same(tmp_path: Path) -> None:
+    official = official_file(tmp_path / "vit-s-300ep.pth.tar")
+    out = convert(tmp_path / "vit-s-300ep.pth.tar", tmp_path / "converted.ckpt")
+    teacher = load_mocov3_teacher(out)  # the converted file, as MimCo reads it
+    direct = load_mocov3_teacher(tmp_path / "vit-s-300ep.pth.tar")  # the official file itself
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        for module in (teacher, direct):
+            pairs: list[tuple[Any, Any]] = [
+                (module.encoder("student"), official.base_encoder),
+                (module.encoder("teacher"), official.momentum_encoder),
+            ]
+            assert pairs[0][0].blocks[0].attn.num_heads == 12  # MoCo v3's ViT-S, not timm's 6 heads
+            for ours, source in pairs:
+                features = source.forward_features(images)
+                torch.testing.assert_close(ours.forward_features(images), features, atol=1e-6, rtol=0)
+            cls = official.base_encoder.forward_features(images)[:, 0]
+            torch.testing.assert_close(module.projector(cls), official.base_encoder.head(cls), atol=1e-6, rtol=0)
+            query = official.base_encoder.head(cls)
+            torch.testing.assert_close(module.predictor(query), official.predictor(query), atol=1e-6, rtol=0)
+    checkpoint = torch.load(out, weights_only=True)
+    assert checkpoint["lightning_mim"]["converted_from"] == {
+        "format": "mocov3",
+        "file": "vit-s-300ep.pth.tar",
+        "arch": "vit_small",
+        "epoch": 300,
+    }
+    assert checkpoint["hyper_parameters"]["backbone"] == "vit_small_patch16_224"
+    assert checkpoint["hyper_parameters"]["backbone_kwargs"] == SIZE  # read from the tensors
+    assert (checkpoint["hyper_parameters"]["proj_hidden_dim"], checkpoint["hyper_parameters"]["proj_dim"]) == (64, 16)
+
+
+def test_the_converted_checkpoint_exports_the_base_encoder_for_timm(tmp_path: Path) -> None:
+    official = official_file(tmp_path / "official.pth.tar")
+    converted = convert(tmp_path / "official.pth.tar", tmp_path / "converted.ckpt", format="mocov3")
+    model: Any = create_model(to_timm(converted, tmp_path / "export"))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.eval().forward_features(images), official.base_encoder.forward_features(images), atol=1e-6, rtol=0
+        )
+
+
+def test_mimco_trains_from_the_official_file_with_no_stage_1(tmp_path: Path) -> None:
+    official = official_file(tmp_path / "vit-s-300ep.pth.tar")
+    module = tiny_mimco(teacher_ckpt=str(tmp_path / "vit-s-300ep.pth.tar"), backbone_kwargs=TINY_VIT_4X4)
+    expected = {k: v for k, v in official.base_encoder.state_dict().items() if not k.startswith("head.")}
+    teacher = module.teacher.state_dict()
+    assert teacher.keys() == expected.keys()
+    assert all(torch.equal(teacher[k], v) for k, v in expected.items())  # the base encoder, as main_lincls.py
+    assert module.teacher_projector is not None  # the file's projector gives the image-level target
+    cls = torch.randn(3, SIZE["embed_dim"])
+    with torch.no_grad():
+        torch.testing.assert_close(module.teacher_projector(cls), official.base_encoder.head(cls), atol=1e-6, rtol=0)
+    from lightning_mim.data import SampleDataModule
+
+    cpu_trainer(max_steps=1, limit_val_batches=0).fit(module, SampleDataModule(batch_size=8, train_size=16))
+    assert all(torch.equal(module.teacher.state_dict()[k], v) for k, v in expected.items())  # frozen
+
+
+def test_files_of_another_kind_are_refused_saying_what_they_look_like(tmp_path: Path) -> None:
+    official_file(tmp_path / "r50.pth.tar", arch="resnet50")
+    with pytest.raises(ValueError, match=r"MoCo v3 arch 'resnet50'; lightning-mim converts the ViTs"):
+        convert(tmp_path / "r50.pth.tar", tmp_path / "out.ckpt")
+    ours = tmp_path / "conmim.ckpt"
+    trainer = cpu_trainer(max_steps=1, limit_val_batches=0)
+    from lightning_mim.data import SampleDataModule
+
+    trainer.fit(tiny_conmim(), SampleDataModule(batch_size=8, train_size=16))
+    trainer.save_checkpoint(ours)
+    with pytest.raises(ValueError, match=r"not one of mocov3; it looks like a lightning-mim conmim checkpoint"):
+        convert(ours, tmp_path / "out.ckpt")
+    with pytest.raises(ValueError, match=r"^convert\(format='mae'\): must be one of 'mocov3'$"):
+        convert(ours, tmp_path / "out.ckpt", format="mae")
+    assert not (tmp_path / "out.ckpt").exists()
