@@ -4,6 +4,7 @@
     lightning-mim fit --config configs/quickstart/conmim.yaml
     lightning-mim fit --config configs/conmim_vitb.yaml --print_config
     lightning-mim export runs/conmim_vitb/checkpoints/last.ckpt exported/conmim_vitb [--which teacher]
+    lightning-mim convert mocov3 vit-s-300ep.pth.tar mocov3_vits.ckpt  # official weights: MimCo's teacher
     lightning-mim prepare-data /data/imagenet /data/imagenet-chunks   # litdata chunks for StreamingDataModule
     lightning-mim recipes                      # the packaged recipes and what each reproduces
     lightning-mim recipes show conmim_vitb.yaml > my_recipe.yaml
@@ -152,6 +153,7 @@ class _ConfigDecidesHyperparameters(Callback):
 
 #: The commands besides LightningCLI's, listed by ``lightning-mim --help``.
 EPILOG = """other commands:
+  convert FORMAT SRC DST [--export DIR]          an official checkpoint (mocov3) as a lightning-mim one
   export CKPT OUTDIR [--which student|teacher]   write a checkpoint's encoder for timm
   prepare-data SRC DST                           encode an image folder into litdata chunks (streaming)
   recipes [show NAME]                            list the packaged recipes, or print one
@@ -269,6 +271,30 @@ def export_main(argv: list[str]) -> None:
     )
 
 
+def convert_main(argv: list[str]) -> None:
+    """``lightning-mim convert FORMAT SRC DST [--export DIR]``: an official checkpoint as ours."""
+    from lightning_mim.convert import OFFICIAL_FORMATS, convert
+    from lightning_mim.export import to_timm
+
+    parser = argparse.ArgumentParser(
+        prog="lightning-mim convert",
+        description="Write an official checkpoint (read with weights_only=True) as a lightning-mim checkpoint.",
+    )
+    parser.add_argument("format", choices=OFFICIAL_FORMATS, help="the official code that wrote SRC")
+    parser.add_argument("src", help="the official file (e.g. vit-s-300ep.pth.tar)")
+    parser.add_argument("dst", help="the lightning-mim checkpoint to write (.ckpt)")
+    parser.add_argument("--export", metavar="DIR", default=None, help="also write its encoder for timm to DIR")
+    options = parser.parse_args(argv)
+    try:
+        out = convert(options.src, options.dst, options.format)
+        exported = to_timm(out, options.export) if options.export else None
+    except (FileNotFoundError, ValueError) as err:
+        parser.exit(2, f"lightning-mim convert: error: {err}\n")
+    print(f"wrote {out}")
+    if exported is not None:
+        print(f"wrote {exported / 'model.safetensors'} and {exported / 'config.json'}")
+
+
 def recipes_main(argv: list[str]) -> None:
     """``lightning-mim recipes`` (list, with what each reproduces) and ``lightning-mim recipes show NAME``."""
     parser = argparse.ArgumentParser(
@@ -308,6 +334,9 @@ def main(args: ArgsType = None) -> None:
         sys.path.insert(0, os.getcwd())
     if isinstance(argv, list) and argv[:1] == ["recipes"]:
         recipes_main([str(a) for a in argv[1:]])
+        return
+    if isinstance(argv, list) and argv[:1] == ["convert"]:
+        convert_main([str(a) for a in argv[1:]])
         return
     if isinstance(argv, list) and argv[:1] == ["export"]:
         export_main([str(a) for a in argv[1:]])

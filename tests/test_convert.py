@@ -140,3 +140,18 @@ def test_files_of_another_kind_are_refused_saying_what_they_look_like(tmp_path: 
     with pytest.raises(ValueError, match=r"^convert\(format='mae'\): must be one of 'mocov3'$"):
         convert(ours, tmp_path / "out.ckpt", format="mae")
     assert not (tmp_path / "out.ckpt").exists()
+
+
+def test_the_command_converts_and_exports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lightning_mim.cli import main
+
+    official_file(tmp_path / "vit-s-300ep.pth.tar")
+    src, dst = str(tmp_path / "vit-s-300ep.pth.tar"), str(tmp_path / "mocov3_vits.ckpt")
+    main(["convert", "mocov3", src, dst, "--export", str(tmp_path / "export")])
+    printed = capsys.readouterr().out
+    assert f"wrote {dst}" in printed and (tmp_path / "export" / "model.safetensors").is_file()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "mocov3", dst, str(tmp_path / "again.ckpt")])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "not an official mocov3 checkpoint; it looks like a lightning-mim mocov3 checkpoint" in error

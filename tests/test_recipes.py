@@ -121,7 +121,8 @@ def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("fit", "validate", "export CKPT OUTDIR", "prepare-data SRC DST", "recipes [show NAME]"):
+    commands = ("fit", "validate", "export CKPT OUTDIR", "convert FORMAT SRC DST", "prepare-data SRC DST")
+    for command in (*commands, "recipes [show NAME]"):
         assert command in out, command
 
 
