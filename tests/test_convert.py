@@ -5,13 +5,14 @@ from __future__ import annotations
 import copy
 import itertools
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import timm
 import torch
 from torch import nn
 
+from lightning_mim import FineTuneModule, LinearProbeModule
 from lightning_mim.convert import convert
 from lightning_mim.export import create_model, to_timm
 from lightning_mim.methods.teachers import load_mocov3_teacher
@@ -97,15 +98,22 @@ def test_every_part_of_the_official_file_computes_the_same(tmp_path: Path) -> No
     assert (checkpoint["hyper_parameters"]["proj_hidden_dim"], checkpoint["hyper_parameters"]["proj_dim"]) == (64, 16)
 
 
-def test_the_converted_checkpoint_exports_the_base_encoder_for_timm(tmp_path: Path) -> None:
+def test_the_converted_checkpoint_exports_and_evaluates_the_base_encoder(tmp_path: Path) -> None:
     official = official_file(tmp_path / "official.pth.tar")
     converted = convert(tmp_path / "official.pth.tar", tmp_path / "converted.ckpt", format="mocov3")
     model: Any = create_model(to_timm(converted, tmp_path / "export"))
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(
-            model.eval().forward_features(images), official.base_encoder.forward_features(images), atol=1e-6, rtol=0
-        )
+        features = official.base_encoder.forward_features(images)
+        torch.testing.assert_close(model.eval().forward_features(images), features, atol=1e-6, rtol=0)
+        probe = cast(Any, LinearProbeModule(str(converted), num_classes=10, image_size=32).encoder)
+        torch.testing.assert_close(probe.forward_features(images), features, atol=1e-6, rtol=0)
+    # fine-tuning pools the mean with a new fc_norm (as the official fine-tuning): the rest is the file's
+    tuned = FineTuneModule(str(converted), num_classes=10, image_size=32).model.state_dict()
+    source = official.base_encoder.state_dict()
+    shared = [k for k in source if not k.startswith(("head.", "norm."))]
+    # left out: the projector (3 Linears, 2 BatchNorms of 5 tensors, the last BatchNorm's 3 buffers) and norm (2)
+    assert len(shared) == len(source) - 18 and all(torch.equal(tuned[k], source[k]) for k in shared)
 
 
 def test_mimco_trains_from_the_official_file_with_no_stage_1(tmp_path: Path) -> None:
