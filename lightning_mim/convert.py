@@ -24,26 +24,65 @@ is a 2-layer MLP, both built by ``_build_mlp`` with the layer indices of
 The released ViTs are ``vit_small`` (12 heads, not timm's 6) and ``vit_base``; the file's ``arch``
 decides the architecture and its tensors the sizes. Heads cannot be read from weight shapes, so a file
 without a known ``arch`` is refused.
+
+MAE (facebookresearch/mae, ``util/misc.py``: ``save_model``) writes ``{"model", "optimizer", "epoch",
+"scaler", "args"}``, ``args`` an ``argparse.Namespace`` (the one object let through the weights-only
+loader); the released ``mae_pretrain_vit_*.pth`` hold the encoder alone under ``model``. The encoder
+keeps timm's names; it maps to the online encoder of :class:`~lightning_mim.CMAEModule` with
+``contrastive_weight=0`` (MAE), and a decoder in the file to its pixel decoder:
+
+====================================  ================================
+encoder keys (``cls_token``, ...)     ``online_encoder.vit.*``
+``mask_token``                        ``pixel_decoder.mask_token``
+``decoder_embed.*``                   ``pixel_decoder.embed.*``
+``decoder_blocks.N.*``                ``pixel_decoder.blocks.N.*``
+``decoder_norm.*``                    ``pixel_decoder.norm.*``
+``decoder_pred.*``                    ``pixel_decoder.head.*``
+``decoder_pos_embed``                 (fixed sin-cos; checked equal to ours, not stored)
+====================================  ================================
+
+The architecture comes from ``args.model`` (``mae_vit_base_patch16``, ...) or, for the released files
+without ``args``, from the encoder's width (768: ViT-B, 1024: ViT-L, 1280: ViT-H/14), with MAE's heads
+(and 16 in the decoder at every size), which weight shapes cannot tell; the other sizes come from the
+tensors. A file without a decoder gets MAE's initialisation for it (recorded in ``converted_from``).
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import lightning
+import lightning.pytorch as pl
 import torch
 
-from lightning_mim.checkpoint.files import load_checkpoint
+from lightning_mim.checkpoint.files import torch_load_weights
 from lightning_mim.checkpoint.io import AtomicCheckpointIO
 
 if TYPE_CHECKING:
+    from lightning_mim.methods.cmae import CMAEModule
     from lightning_mim.methods.moco import MoCoV3Module
 
-__all__ = ["MOCOV3_ARCHS", "OFFICIAL_FORMATS", "convert", "detect_format", "mocov3_module"]
+__all__ = ["MAE_ARCHS", "MOCOV3_ARCHS", "OFFICIAL_FORMATS", "convert", "detect_format", "mae_module", "mocov3_module"]
 
 #: The official formats :func:`convert` reads.
-OFFICIAL_FORMATS = ("mocov3",)
+OFFICIAL_FORMATS = ("mocov3", "mae")
+
+#: MAE's ``args.model`` names (``models_mae.py``) -> the timm architecture with the same heads.
+MAE_ARCHS = {
+    "mae_vit_base_patch16": "vit_base_patch16_224",
+    "mae_vit_large_patch16": "vit_large_patch16_224",
+    "mae_vit_huge_patch14": "vit_huge_patch14_224",
+}
+_MAE_BY_WIDTH = {768: "mae_vit_base_patch16", 1024: "mae_vit_large_patch16", 1280: "mae_vit_huge_patch14"}
+_MAE_DECODER = (
+    ("mask_token", "pixel_decoder.mask_token"),
+    ("decoder_embed.", "pixel_decoder.embed."),
+    ("decoder_blocks.", "pixel_decoder.blocks."),
+    ("decoder_norm.", "pixel_decoder.norm."),
+    ("decoder_pred.", "pixel_decoder.head."),
+)
 
 #: MoCo v3's ViT ``arch`` names (``vits.py``) -> the timm architecture with the same defaults.
 MOCOV3_ARCHS = {"vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224"}
@@ -58,7 +97,12 @@ _MOCOV3_PREFIXES = (
 )
 
 #: The sizes of the timm architectures in ``MOCOV3_ARCHS``: (embed_dim, depth, patch_size, img_size).
-_TIMM_SIZES = {"vit_small_patch16_224": (384, 12, 16, 224), "vit_base_patch16_224": (768, 12, 16, 224)}
+_TIMM_SIZES = {
+    "vit_small_patch16_224": (384, 12, 16, 224),
+    "vit_base_patch16_224": (768, 12, 16, 224),
+    "vit_large_patch16_224": (1024, 24, 16, 224),
+    "vit_huge_patch14_224": (1280, 32, 14, 224),
+}
 
 
 def detect_format(checkpoint: dict[str, Any]) -> str | None:
@@ -71,9 +115,18 @@ def detect_format(checkpoint: dict[str, Any]) -> str | None:
     return None
 
 
+def _official_format(checkpoint: dict[str, Any]) -> str | None:
+    """:func:`detect_format`, and MAE's ``{"model": ...}`` (a timm ViT under ``model``)."""
+    found = detect_format(checkpoint)
+    model = checkpoint.get("model")
+    if found is None and isinstance(model, dict) and "cls_token" in model and "patch_embed.proj.weight" in model:
+        return "mae"
+    return found
+
+
 def _describe(checkpoint: dict[str, Any]) -> str:
     """What a checkpoint looks like, for an error: its format, or its top-level keys."""
-    found = detect_format(checkpoint)
+    found = _official_format(checkpoint)
     if found is not None:
         return f"an official {found} checkpoint"
     if "lightning_mim" in checkpoint:
@@ -95,12 +148,12 @@ def _mocov3_state(state_dict: dict[str, Any], source: str) -> dict[str, torch.Te
     return renamed
 
 
-def _mocov3_sizes(state: dict[str, torch.Tensor], backbone: str) -> dict[str, Any]:
-    """The timm arguments in which the file's encoder differs from ``backbone``'s defaults (read from shapes)."""
-    width = int(state["base.encoder.cls_token"].shape[-1])
-    patch = int(state["base.encoder.patch_embed.proj.weight"].shape[-1])
-    side = round((int(state["base.encoder.pos_embed"].shape[1]) - 1) ** 0.5)
-    depth = len({key.split(".")[3] for key in state if key.startswith("base.encoder.blocks.")})
+def _vit_sizes(state: dict[str, torch.Tensor], backbone: str, prefix: str) -> dict[str, Any]:
+    """The timm arguments in which the ViT under ``prefix`` differs from ``backbone``'s defaults (from shapes)."""
+    width = int(state[f"{prefix}cls_token"].shape[-1])
+    patch = int(state[f"{prefix}patch_embed.proj.weight"].shape[-1])
+    side = round((int(state[f"{prefix}pos_embed"].shape[1]) - 1) ** 0.5)
+    depth = len({key[len(prefix) :].split(".")[1] for key in state if key.startswith(f"{prefix}blocks.")})
     read = dict(zip(("embed_dim", "depth", "patch_size", "img_size"), (width, depth, patch, side * patch), strict=True))
     defaults = dict(zip(read, _TIMM_SIZES[backbone], strict=True))
     return {name: value for name, value in read.items() if value != defaults[name]}
@@ -130,7 +183,7 @@ def mocov3_module(checkpoint: dict[str, Any], source: str = "MoCo v3 checkpoint"
     state = _mocov3_state(checkpoint["state_dict"], source)
     hidden, out = (int(state[f"base.projector.{i}.weight"].shape[0]) for i in (0, 6))
     backbone = MOCOV3_ARCHS[str(arch)]
-    module = MoCoV3Module(backbone, _mocov3_sizes(state, backbone), proj_hidden_dim=hidden, proj_dim=out)
+    module = MoCoV3Module(backbone, _vit_sizes(state, backbone, "base.encoder."), proj_hidden_dim=hidden, proj_dim=out)
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(
@@ -140,23 +193,98 @@ def mocov3_module(checkpoint: dict[str, Any], source: str = "MoCo v3 checkpoint"
     return module
 
 
+def mae_module(checkpoint: dict[str, Any], source: str = "MAE checkpoint") -> tuple[CMAEModule, str, bool]:
+    """An MAE :class:`~lightning_mim.CMAEModule` (``contrastive_weight=0``) holding an official MAE checkpoint.
+
+    Returns:
+        The module, the MAE architecture it was built as, and whether the file held the decoder (without
+        it, the pixel decoder keeps MAE's initialisation).
+
+    Raises:
+        ValueError: Not an MAE checkpoint, an architecture that is not MAE's, or weights that do not fit.
+    """
+    from lightning_mim.methods.cmae import MAE_OPTIM, CMAEModule
+
+    model = checkpoint.get("model")
+    if _official_format(checkpoint) != "mae" or not isinstance(model, dict):
+        raise ValueError(f"{source}: not an official MAE checkpoint; it looks like {_describe(checkpoint)}")
+    args = checkpoint.get("args")
+    width = int(model["cls_token"].shape[-1])
+    arch = getattr(args, "model", None) if args is not None else _MAE_BY_WIDTH.get(width)
+    if arch not in MAE_ARCHS:
+        raise ValueError(
+            f"{source}: MAE model {arch!r} (encoder width {width}); lightning-mim converts {sorted(MAE_ARCHS)}"
+        )
+    state: dict[str, torch.Tensor] = {}
+    decoder_table = None
+    for key, value in model.items():
+        if key == "decoder_pos_embed":
+            decoder_table = value
+            continue
+        target = next((new + key[len(old) :] for old, new in _MAE_DECODER if key.startswith(old)), None)
+        state[target or f"online_encoder.vit.{key}"] = value
+    with_decoder = any(key.startswith("pixel_decoder.") for key in state)
+    backbone = MAE_ARCHS[str(arch)]
+    sizes = _vit_sizes(state, backbone, "online_encoder.vit.")
+    decoder: dict[str, Any] = {}
+    if with_decoder:
+        decoder_dim = int(state["pixel_decoder.embed.weight"].shape[0])
+        depth = len({k.split(".")[2] for k in state if k.startswith("pixel_decoder.blocks.")})
+        decoder = {"decoder_dim": decoder_dim, "decoder_depth": depth}
+    module = CMAEModule(backbone, sizes, contrastive_weight=0.0, optim=MAE_OPTIM, **decoder)
+    if decoder_table is not None and with_decoder:
+        ours = cast(torch.Tensor, module.pixel_decoder.pos_embed)  # (1, N, dim): MAE's table without the CLS row
+        if not torch.allclose(decoder_table[:, -ours.shape[1] :].float(), ours, atol=1e-5):
+            raise ValueError(f"{source}: its decoder_pos_embed is not MAE's fixed sin-cos table of this grid")
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if not with_decoder:
+        missing = [k for k in missing if not k.startswith("pixel_decoder.")]
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: its weights do not fill the MAE {arch} model: missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]}"
+        )
+    return module, str(arch), with_decoder
+
+
+def _load_official(src: str | Path) -> dict[str, Any]:
+    """An official file with ``weights_only=True``, letting ``argparse.Namespace`` (MAE's ``args``) through."""
+    path = Path(src).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"official checkpoint not found: {path}")
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        checkpoint = torch_load_weights(path)
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}, not a dict")
+    return checkpoint
+
+
 def convert(src: str | Path, dst: str | Path, format: str | None = None) -> Path:
     """Writes the official checkpoint ``src`` as a lightning-mim checkpoint ``dst``; returns ``dst``.
 
     Args:
-        src: The official file (read with ``weights_only=True``: nothing in it is unpickled).
+        src: The official file (read with ``weights_only=True``: nothing in it is unpickled but an
+            ``argparse.Namespace``).
         dst: The checkpoint to write (atomically; its folder is created).
         format: One of ``OFFICIAL_FORMATS``; None detects it. A file of another format is refused,
             naming what it looks like.
     """
     if format is not None and format not in OFFICIAL_FORMATS:
         raise ValueError(f"convert(format={format!r}): must be one of {', '.join(map(repr, OFFICIAL_FORMATS))}")
-    checkpoint = load_checkpoint(src, "official checkpoint")
-    found = detect_format(checkpoint)
+    checkpoint = _load_official(src)
+    found = _official_format(checkpoint)
     if found is None or (format is not None and found != format):
         wanted = f"an official {format} checkpoint" if format else f"one of {', '.join(OFFICIAL_FORMATS)}"
         raise ValueError(f"{src}: not {wanted}; it looks like {_describe(checkpoint)}")
-    module = mocov3_module(checkpoint, str(src))
+    origin: dict[str, Any] = {"format": found, "file": Path(src).name}
+    module: pl.LightningModule
+    if found == "mocov3":
+        module = mocov3_module(checkpoint, str(src))
+        origin["arch"] = str(checkpoint["arch"])
+    else:
+        module, origin["arch"], origin["decoder"] = mae_module(checkpoint, str(src))
+    if isinstance(checkpoint.get("epoch"), int):
+        origin["epoch"] = checkpoint["epoch"]
     out: dict[str, Any] = {
         "state_dict": module.state_dict(),
         "hyper_parameters": dict(module.hparams),
@@ -164,9 +292,6 @@ def convert(src: str | Path, dst: str | Path, format: str | None = None) -> Path
         "global_step": 0,
         "pytorch-lightning_version": lightning.__version__,
     }
-    origin = {"format": found, "file": Path(src).name, "arch": str(checkpoint["arch"])}
-    if isinstance(checkpoint.get("epoch"), int):
-        origin["epoch"] = checkpoint["epoch"]
     module.on_save_checkpoint(out)  # the lightning-mim entry: method, encoders, random streams
     out["lightning_mim"]["converted_from"] = origin
     dst = Path(dst)

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
+import datetime
 import itertools
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
 import timm
 import torch
+from timm.models.vision_transformer import Block
 from torch import nn
 
-from lightning_mim import FineTuneModule, LinearProbeModule
+from lightning_mim import CMAEModule, FineTuneModule, LinearProbeModule
 from lightning_mim.convert import convert
 from lightning_mim.export import create_model, to_timm
 from lightning_mim.methods.teachers import load_mocov3_teacher
+from lightning_mim.nn import sincos_2d_pos_embed
 
 from .helpers import TINY_VIT_4X4, cpu_trainer, tiny_conmim, tiny_mimco
 
@@ -143,9 +148,11 @@ def test_files_of_another_kind_are_refused_saying_what_they_look_like(tmp_path: 
 
     trainer.fit(tiny_conmim(), SampleDataModule(batch_size=8, train_size=16))
     trainer.save_checkpoint(ours)
-    with pytest.raises(ValueError, match=r"not one of mocov3; it looks like a lightning-mim conmim checkpoint"):
+    with pytest.raises(ValueError, match=r"not one of mocov3, mae; it looks like a lightning-mim conmim checkpoint"):
         convert(ours, tmp_path / "out.ckpt")
-    with pytest.raises(ValueError, match=r"^convert\(format='mae'\): must be one of 'mocov3'$"):
+    with pytest.raises(ValueError, match=r"^convert\(format='beit'\): must be one of 'mocov3', 'mae'$"):
+        convert(ours, tmp_path / "out.ckpt", format="beit")
+    with pytest.raises(ValueError, match=r"not an official mae checkpoint; it looks like a lightning-mim conmim"):
         convert(ours, tmp_path / "out.ckpt", format="mae")
     assert not (tmp_path / "out.ckpt").exists()
 
@@ -163,3 +170,95 @@ def test_the_command_converts_and_exports(tmp_path: Path, capsys: pytest.Capture
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert "not an official mocov3 checkpoint; it looks like a lightning-mim mocov3 checkpoint" in error
+
+
+# MAE's pre-training model (models_mae.py) at the tiny size: timm's ViT names for the encoder, then
+# decoder_embed, mask_token, decoder_pos_embed (fixed sin-cos with a CLS row), decoder_blocks,
+# decoder_norm, decoder_pred; saved with args, an argparse.Namespace, as util/misc.py's save_model does.
+class OfficialMAE(nn.Module):
+    def __init__(self, decoder_dim: int = 32) -> None:
+        super().__init__()
+        vit: Any = timm.create_model("vit_base_patch16_224", num_classes=0, global_pool="token", **SIZE)
+        self.encoder = vit
+        self.decoder_embed = nn.Linear(SIZE["embed_dim"], decoder_dim)
+        self.mask_token = nn.Parameter(torch.randn(1, 1, decoder_dim))
+        table = sincos_2d_pos_embed((4, 4), decoder_dim, cls_token=True)  # MAE's: columns in the first half
+        self.decoder_pos_embed = nn.Parameter(table, requires_grad=False)
+        norm: Any = partial(nn.LayerNorm, eps=1e-6)
+        # MAE's decoder has 16 heads at every size (decoder_num_heads=16)
+        self.decoder_blocks = nn.ModuleList([Block(decoder_dim, 16, 4.0, qkv_bias=True, norm_layer=norm)])
+        self.decoder_norm = norm(decoder_dim)
+        self.decoder_pred = nn.Linear(decoder_dim, 8 * 8 * 3)
+
+    def state(self, decoder: bool) -> dict[str, torch.Tensor]:
+        encoder = {k: v for k, v in self.encoder.state_dict().items()}  # cls_token, pos_embed, blocks.N..., norm
+        rest = {k: v for k, v in self.state_dict().items() if not k.startswith("encoder.")}
+        return {**encoder, **rest} if decoder else encoder
+
+    def decode_unmasked(self, tokens: torch.Tensor) -> torch.Tensor:
+        """forward_decoder with nothing masked (ids_restore the identity): (B, N, p*p*3)."""
+        x = self.decoder_embed(tokens) + self.decoder_pos_embed
+        for block in self.decoder_blocks:
+            x = block(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+
+
+def mae_file(path: Path, decoder: bool = True, args: Any = "namespace") -> OfficialMAE:
+    torch.manual_seed(2)
+    model = OfficialMAE()
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if name != "decoder_pos_embed":
+                tensor.copy_(torch.randn_like(tensor) * 0.1)
+    namespace = argparse.Namespace(model="mae_vit_base_patch16", mask_ratio=0.75, norm_pix_loss=True, input_size=32)
+    checkpoint: dict[str, Any] = {"model": model.state(decoder), "epoch": 799, "scaler": {"scale": 1024.0}}
+    if args is not None:
+        checkpoint["args"] = namespace if args == "namespace" else args
+    torch.save(checkpoint, path)
+    return model.eval()
+
+
+def test_mae_with_its_decoder_converts_to_an_mae_module_that_computes_the_same(tmp_path: Path) -> None:
+    official = mae_file(tmp_path / "checkpoint-799.pth")
+    out = convert(tmp_path / "checkpoint-799.pth", tmp_path / "mae.ckpt")
+    checkpoint = torch.load(out, weights_only=True)
+    assert checkpoint["lightning_mim"]["method"] == "mae"
+    assert checkpoint["lightning_mim"]["converted_from"] == {
+        "format": "mae",
+        "file": "checkpoint-799.pth",
+        "arch": "mae_vit_base_patch16",
+        "decoder": True,
+        "epoch": 799,
+    }
+    hparams = checkpoint["hyper_parameters"]
+    assert (hparams["contrastive_weight"], hparams["decoder_dim"], hparams["decoder_depth"]) == (0.0, 32, 1)
+    module = CMAEModule(**{k: v for k, v in hparams.items() if k != "optim"})
+    module.load_state_dict(checkpoint["state_dict"])
+    module.eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = official.encoder.forward_features(images)
+        ours = cast(Any, module.encoder()).forward_features(images)
+        torch.testing.assert_close(ours, tokens, atol=1e-6, rtol=0)
+        nothing_masked = torch.zeros(2, 16, dtype=torch.bool)
+        decoded = module.pixel_decoder(tokens, nothing_masked)
+        torch.testing.assert_close(decoded, official.decode_unmasked(tokens), atol=1e-6, rtol=0)
+        torch.testing.assert_close(module.pixel_decoder.mask_token, official.mask_token)
+
+
+def test_an_encoder_alone_converts_and_a_file_needs_a_known_mae_model(tmp_path: Path) -> None:
+    official = mae_file(tmp_path / "encoder.pth", decoder=False)
+    out = convert(tmp_path / "encoder.pth", tmp_path / "mae.ckpt", format="mae")
+    assert torch.load(out, weights_only=True)["lightning_mim"]["converted_from"]["decoder"] is False
+    model: Any = create_model(to_timm(out, tmp_path / "export"))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.eval().forward_features(images), official.encoder.forward_features(images), atol=1e-6, rtol=0
+        )
+    mae_file(tmp_path / "released.pth", decoder=False, args=None)  # as released: no args, width read instead
+    with pytest.raises(ValueError, match=r"MAE model None \(encoder width 48\); lightning-mim converts"):
+        convert(tmp_path / "released.pth", tmp_path / "x.ckpt")
+    mae_file(tmp_path / "other.pth", args=datetime.date(2022, 1, 1))  # an object other than a Namespace
+    with pytest.raises(ValueError, match=r"holds pickled Python objects other than tensors and plain types"):
+        convert(tmp_path / "other.pth", tmp_path / "x.ckpt")
