@@ -153,7 +153,7 @@ class _ConfigDecidesHyperparameters(Callback):
 
 #: The commands besides LightningCLI's, listed by ``lightning-mim --help``.
 EPILOG = """other commands:
-  convert FORMAT SRC DST [--export DIR]          an official checkpoint (mocov3, mae) as a lightning-mim one
+  convert FORMAT SRC DST [--export DIR]          an official checkpoint (mocov3, mae, conmim) as ours
   export CKPT OUTDIR [--which student|teacher]   write a checkpoint's encoder for timm
   prepare-data SRC DST                           encode an image folder into litdata chunks (streaming)
   recipes [show NAME]                            list the packaged recipes, or print one
@@ -284,9 +284,12 @@ def convert_main(argv: list[str]) -> None:
     parser.add_argument("src", help="the official file (e.g. vit-s-300ep.pth.tar)")
     parser.add_argument("dst", help="the lightning-mim checkpoint to write (.ckpt)")
     parser.add_argument("--export", metavar="DIR", default=None, help="also write its encoder for timm to DIR")
+    parser.add_argument(
+        "--teacher", metavar="COPY", default=None, help="conmim: the teacher file (checkpoint_copy-N.pth) of SRC"
+    )
     options = parser.parse_args(argv)
     try:
-        out = convert(options.src, options.dst, options.format)
+        out = convert(options.src, options.dst, options.format, options.teacher)
         exported = to_timm(out, options.export) if options.export else None
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"lightning-mim convert: error: {err}\n")

@@ -45,6 +45,22 @@ The architecture comes from ``args.model`` (``mae_vit_base_patch16``, ...) or, f
 without ``args``, from the encoder's width (768: ViT-B, 1024: ViT-L, 1280: ViT-H/14), with MAE's heads
 (and 16 in the decoder at every size), which weight shapes cannot tell; the other sizes come from the
 tensors. A file without a decoder gets MAE's initialisation for it (recorded in ``converted_from``).
+
+ConMIM (TencentARC/ConMIM, ``utils.py``: ``save_model`` and ``save_model_copy``) writes the student as
+``checkpoint-N.pth`` and the teacher as ``checkpoint_copy-N.pth``, each ``{"model", "optimizer",
+"epoch", "scaler", "args"}``; the official fine-tuning starts from the copy. The BEiT backbone keeps
+timm's ``Beit`` names; ``lm_head`` (unused by ConMIM) and the ``relative_position_index`` buffers
+(timm rebuilds them) are dropped. Each file maps to one branch of :class:`~lightning_mim.ConMIMModule`:
+
+====================================  ================================
+backbone keys (``cls_token``, ...)    ``{branch}.encoder.vit.*``
+``mask_token``                        ``{branch}.encoder.mask_token``
+``projectors.N.*``                    ``{branch}.projector.N.*``
+====================================  ================================
+
+The student file fills the student and the copy the teacher; given one file, both branches get it
+(as the official run starts its teacher). The architecture comes from ``args.model`` or the width.
+ConMIM's released weights are fine-tuned ones, not these.
 """
 
 from __future__ import annotations
@@ -62,12 +78,31 @@ from lightning_mim.checkpoint.io import AtomicCheckpointIO
 
 if TYPE_CHECKING:
     from lightning_mim.methods.cmae import CMAEModule
+    from lightning_mim.methods.conmim import ConMIMModule
     from lightning_mim.methods.moco import MoCoV3Module
 
-__all__ = ["MAE_ARCHS", "MOCOV3_ARCHS", "OFFICIAL_FORMATS", "convert", "detect_format", "mae_module", "mocov3_module"]
+__all__ = [
+    "CONMIM_ARCHS",
+    "MAE_ARCHS",
+    "MOCOV3_ARCHS",
+    "OFFICIAL_FORMATS",
+    "conmim_module",
+    "convert",
+    "detect_format",
+    "mae_module",
+    "mocov3_module",
+]
 
 #: The official formats :func:`convert` reads.
-OFFICIAL_FORMATS = ("mocov3", "mae")
+OFFICIAL_FORMATS = ("mocov3", "mae", "conmim")
+
+#: ConMIM's ``args.model`` names (``modeling_pretrain.py``) -> (timm BEiT, its arguments over ours).
+CONMIM_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
+    "conmim_small_patch16_224": ("beit_base_patch16_224", {"embed_dim": 384, "num_heads": 6}),
+    "conmim_base_patch16_224": ("beit_base_patch16_224", {}),
+    "conmim_large_patch16_224": ("beit_large_patch16_224", {}),
+}
+_CONMIM_BY_WIDTH = {384: "conmim_small_patch16_224", 768: "conmim_base_patch16_224", 1024: "conmim_large_patch16_224"}
 
 #: MAE's ``args.model`` names (``models_mae.py``) -> the timm architecture with the same heads.
 MAE_ARCHS = {
@@ -119,9 +154,11 @@ def _official_format(checkpoint: dict[str, Any]) -> str | None:
     """:func:`detect_format`, and MAE's ``{"model": ...}`` (a timm ViT under ``model``)."""
     found = detect_format(checkpoint)
     model = checkpoint.get("model")
-    if found is None and isinstance(model, dict) and "cls_token" in model and "patch_embed.proj.weight" in model:
-        return "mae"
-    return found
+    if found is not None or not isinstance(model, dict) or "patch_embed.proj.weight" not in model:
+        return found
+    if "projectors.0.weight" in model or "blocks.0.attn.q_bias" in model:  # BEiT blocks, ConMIM's projector
+        return "conmim"
+    return "mae" if "cls_token" in model else None
 
 
 def _describe(checkpoint: dict[str, Any]) -> str:
@@ -247,6 +284,70 @@ def mae_module(checkpoint: dict[str, Any], source: str = "MAE checkpoint") -> tu
     return module, str(arch), with_decoder
 
 
+def _conmim_branch(model: dict[str, torch.Tensor], branch: str) -> dict[str, torch.Tensor]:
+    """One ConMIM network's weights under the names of ``branch`` (student or teacher) of ConMIMModule."""
+    state: dict[str, torch.Tensor] = {}
+    for key, value in model.items():
+        if key.startswith("lm_head.") or key.endswith("relative_position_index"):
+            continue  # unused by ConMIM; rebuilt by timm
+        if key == "mask_token":
+            state[f"{branch}.encoder.mask_token"] = value
+        elif key.startswith("projectors."):
+            state[f"{branch}.projector.{key[len('projectors.') :]}"] = value
+        else:
+            state[f"{branch}.encoder.vit.{key}"] = value
+    return state
+
+
+def conmim_module(
+    student: dict[str, Any], teacher: dict[str, Any] | None = None, source: str = "ConMIM checkpoint"
+) -> tuple[ConMIMModule, str]:
+    """A :class:`~lightning_mim.ConMIMModule` holding official ConMIM checkpoints; and the arch it was built as.
+
+    Args:
+        student: The official student file (``checkpoint-N.pth``), loaded.
+        teacher: The teacher copy (``checkpoint_copy-N.pth``), loaded; None: the student's weights.
+        source: What to call them in errors.
+    """
+    from lightning_mim.methods.conmim import ConMIMModule
+
+    files = [student] if teacher is None else [student, teacher]
+    for checkpoint in files:
+        if _official_format(checkpoint) != "conmim":
+            raise ValueError(f"{source}: not an official ConMIM checkpoint; it looks like {_describe(checkpoint)}")
+    model = student["model"]
+    if "pos_embed" in model or "rel_pos_bias.relative_position_bias_table" not in model:
+        raise ValueError(
+            f"{source}: a ConMIM backbone with absolute or per-layer position embeddings; lightning-mim converts "
+            "the official default (a shared relative position bias, no absolute embedding)"
+        )
+    args = student.get("args")
+    width = int(model["cls_token"].shape[-1])
+    arch = getattr(args, "model", None) if args is not None else _CONMIM_BY_WIDTH.get(width)
+    if arch not in CONMIM_ARCHS:
+        raise ValueError(
+            f"{source}: ConMIM model {arch!r} (width {width}); lightning-mim converts {sorted(CONMIM_ARCHS)}"
+        )
+    backbone, kwargs = CONMIM_ARCHS[str(arch)]
+    patch = int(model["patch_embed.proj.weight"].shape[-1])
+    window = round(((int(model["rel_pos_bias.relative_position_bias_table"].shape[0]) - 3) ** 0.5 + 1) / 2)
+    depth = len({key.split(".")[1] for key in model if key.startswith("blocks.")})
+    default_width, default_depth = {"beit_base_patch16_224": (768, 12), "beit_large_patch16_224": (1024, 24)}[backbone]
+    read = {"embed_dim": width, "depth": depth, "patch_size": patch, "img_size": window * patch}
+    defaults = {"embed_dim": default_width, "depth": default_depth, "patch_size": 16, "img_size": 224}
+    sizes = {**kwargs, **{k: v for k, v in read.items() if v != defaults[k]}}
+    hidden, out = (int(model[f"projectors.{i}.weight"].shape[0]) for i in (0, 6))
+    module = ConMIMModule(backbone, sizes, proj_hidden_dim=hidden, proj_dim=out)
+    state = {**_conmim_branch(model, "student"), **_conmim_branch((teacher or student)["model"], "teacher")}
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: its weights do not fill the ConMIM {arch} model: missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]}"
+        )
+    return module, str(arch)
+
+
 def _load_official(src: str | Path) -> dict[str, Any]:
     """An official file with ``weights_only=True``, letting ``argparse.Namespace`` (MAE's ``args``) through."""
     path = Path(src).expanduser()
@@ -259,7 +360,7 @@ def _load_official(src: str | Path) -> dict[str, Any]:
     return checkpoint
 
 
-def convert(src: str | Path, dst: str | Path, format: str | None = None) -> Path:
+def convert(src: str | Path, dst: str | Path, format: str | None = None, teacher: str | Path | None = None) -> Path:
     """Writes the official checkpoint ``src`` as a lightning-mim checkpoint ``dst``; returns ``dst``.
 
     Args:
@@ -268,6 +369,7 @@ def convert(src: str | Path, dst: str | Path, format: str | None = None) -> Path
         dst: The checkpoint to write (atomically; its folder is created).
         format: One of ``OFFICIAL_FORMATS``; None detects it. A file of another format is refused,
             naming what it looks like.
+        teacher: ConMIM only: the teacher copy (``checkpoint_copy-N.pth``) beside the student ``src``.
     """
     if format is not None and format not in OFFICIAL_FORMATS:
         raise ValueError(f"convert(format={format!r}): must be one of {', '.join(map(repr, OFFICIAL_FORMATS))}")
@@ -278,11 +380,17 @@ def convert(src: str | Path, dst: str | Path, format: str | None = None) -> Path
         raise ValueError(f"{src}: not {wanted}; it looks like {_describe(checkpoint)}")
     origin: dict[str, Any] = {"format": found, "file": Path(src).name}
     module: pl.LightningModule
+    if teacher is not None and found != "conmim":
+        raise ValueError(f"convert(teacher={str(teacher)!r}): a teacher file goes with a ConMIM student, not {found}")
     if found == "mocov3":
         module = mocov3_module(checkpoint, str(src))
         origin["arch"] = str(checkpoint["arch"])
-    else:
+    elif found == "mae":
         module, origin["arch"], origin["decoder"] = mae_module(checkpoint, str(src))
+    else:
+        copy = _load_official(teacher) if teacher is not None else None
+        module, origin["arch"] = conmim_module(checkpoint, copy, str(src))
+        origin["teacher"] = Path(teacher).name if teacher is not None else "the student's weights"
     if isinstance(checkpoint.get("epoch"), int):
         origin["epoch"] = checkpoint["epoch"]
     out: dict[str, Any] = {

@@ -16,7 +16,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from lightning_mim import CMAEModule, FineTuneModule, LinearProbeModule
+from lightning_mim import CMAEModule, ConMIMModule, FineTuneModule, LinearProbeModule
 from lightning_mim.convert import convert
 from lightning_mim.export import create_model, to_timm
 from lightning_mim.methods.teachers import load_mocov3_teacher
@@ -148,9 +148,9 @@ def test_files_of_another_kind_are_refused_saying_what_they_look_like(tmp_path: 
 
     trainer.fit(tiny_conmim(), SampleDataModule(batch_size=8, train_size=16))
     trainer.save_checkpoint(ours)
-    with pytest.raises(ValueError, match=r"not one of mocov3, mae; it looks like a lightning-mim conmim checkpoint"):
+    with pytest.raises(ValueError, match=r"not one of mocov3, mae, conmim; it looks like a lightning-mim conmim"):
         convert(ours, tmp_path / "out.ckpt")
-    with pytest.raises(ValueError, match=r"^convert\(format='beit'\): must be one of 'mocov3', 'mae'$"):
+    with pytest.raises(ValueError, match=r"^convert\(format='beit'\): must be one of 'mocov3', 'mae', 'conmim'$"):
         convert(ours, tmp_path / "out.ckpt", format="beit")
     with pytest.raises(ValueError, match=r"not an official mae checkpoint; it looks like a lightning-mim conmim"):
         convert(ours, tmp_path / "out.ckpt", format="mae")
@@ -262,3 +262,90 @@ def test_an_encoder_alone_converts_and_a_file_needs_a_known_mae_model(tmp_path: 
     mae_file(tmp_path / "other.pth", args=datetime.date(2022, 1, 1))  # an object other than a Namespace
     with pytest.raises(ValueError, match=r"holds pickled Python objects other than tensors and plain types"):
         convert(tmp_path / "other.pth", tmp_path / "x.ckpt")
+
+
+# ConMIM's pre-training model (modeling_pretrain.py) at the tiny size: a BEiT with a shared relative
+# position bias (whose index is a persistent buffer there), no absolute position embedding, layer
+# scale; mask_token, the unused lm_head and the projectors; saved with args as utils.save_model does.
+class OfficialConMIM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        beit: Any = timm.create_model(
+            "beit_base_patch16_224",
+            num_heads=12,
+            use_abs_pos_emb=False,
+            use_rel_pos_bias=False,
+            use_shared_rel_pos_bias=True,
+            init_values=0.1,
+            num_classes=0,
+            global_pool="avg",
+            use_fc_norm=False,
+            **SIZE,
+        )
+        self.backbone = beit
+        self.mask_token = nn.Parameter(torch.randn(1, 1, SIZE["embed_dim"]))
+        self.lm_head = nn.Linear(SIZE["embed_dim"], 100)
+        self.projectors = build_mlp(3, SIZE["embed_dim"], HIDDEN, OUT)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        state = {**self.backbone.state_dict(), "mask_token": self.mask_token.detach()}
+        state["rel_pos_bias.relative_position_index"] = self.backbone.rel_pos_bias.relative_position_index
+        state.update({f"lm_head.{k}": v for k, v in self.lm_head.state_dict().items()})
+        state.update({f"projectors.{k}": v for k, v in self.projectors.state_dict().items()})
+        return state
+
+
+def conmim_file(path: Path, seed: int) -> OfficialConMIM:
+    torch.manual_seed(seed)
+    model = OfficialConMIM()
+    with torch.no_grad():
+        for tensor in model.parameters():
+            tensor.copy_(torch.randn_like(tensor) * 0.1)
+    args = argparse.Namespace(model="conmim_base_patch16_224", rel_pos_bias=True, abs_pos_emb=False)
+    torch.save({"model": model.state(), "epoch": 799, "args": args}, path)
+    return model.eval()
+
+
+def test_conmim_student_and_teacher_files_fill_both_branches(tmp_path: Path) -> None:
+    student = conmim_file(tmp_path / "checkpoint-799.pth", seed=3)
+    teacher = conmim_file(tmp_path / "checkpoint_copy-799.pth", seed=4)
+    src, copy_file = tmp_path / "checkpoint-799.pth", tmp_path / "checkpoint_copy-799.pth"
+    out = convert(src, tmp_path / "conmim.ckpt", teacher=copy_file)
+    checkpoint = torch.load(out, weights_only=True)
+    assert checkpoint["lightning_mim"]["converted_from"] == {
+        "format": "conmim",
+        "file": "checkpoint-799.pth",
+        "arch": "conmim_base_patch16_224",
+        "teacher": "checkpoint_copy-799.pth",
+        "epoch": 799,
+    }
+    module = ConMIMModule(**{k: v for k, v in checkpoint["hyper_parameters"].items() if k != "optim"})
+    module.load_state_dict(checkpoint["state_dict"])
+    module.eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for which, source in (("student", student), ("teacher", teacher)):
+            ours = cast(Any, module.encoder(cast(Any, which)))
+            expected = source.backbone.forward_features(images)
+            torch.testing.assert_close(ours.forward_features(images), expected, atol=1e-6, rtol=0)
+        tokens = torch.randn(5, SIZE["embed_dim"])
+        torch.testing.assert_close(module.student.projector(tokens), student.projectors(tokens), atol=1e-6, rtol=0)
+        torch.testing.assert_close(module.teacher.projector(tokens), teacher.projectors(tokens), atol=1e-6, rtol=0)
+    # the default export is the monitored encoder, the teacher: what the official fine-tuning starts from
+    model: Any = create_model(to_timm(out, tmp_path / "export"))
+    with torch.no_grad():
+        exported = model.eval().forward_features(images)
+        torch.testing.assert_close(exported, teacher.backbone.forward_features(images), atol=1e-6, rtol=0)
+
+
+def test_one_conmim_file_fills_both_branches_and_a_teacher_needs_conmim(tmp_path: Path) -> None:
+    official = conmim_file(tmp_path / "checkpoint_copy-799.pth", seed=5)
+    out = convert(tmp_path / "checkpoint_copy-799.pth", tmp_path / "conmim.ckpt", format="conmim")
+    state = torch.load(out, weights_only=True)["state_dict"]
+    for key, value in official.backbone.state_dict().items():
+        if not key.endswith("relative_position_index"):
+            assert torch.equal(state[f"student.encoder.vit.{key}"], value)
+            assert torch.equal(state[f"teacher.encoder.vit.{key}"], value)
+    mae_file(tmp_path / "mae.pth")
+    with pytest.raises(ValueError, match=r"a teacher file goes with a ConMIM student, not mae"):
+        convert(tmp_path / "mae.pth", tmp_path / "x.ckpt", teacher=tmp_path / "checkpoint_copy-799.pth")
