@@ -185,6 +185,26 @@ def _mocov3_state(state_dict: dict[str, Any], source: str) -> dict[str, torch.Te
     return renamed
 
 
+def _official_arch(args: Any, model: dict[str, Any], by_width: dict[int, str], known: Any, what: str) -> str:
+    """The official model name: a training checkpoint's ``args.model``, else (released files) the one of its width."""
+    width = int(model["cls_token"].shape[-1])
+    arch = getattr(args, "model", None) if args is not None else by_width.get(width)
+    if arch not in known:
+        raise ValueError(f"{what} model {arch!r} (encoder width {width}); lightning-mim converts {sorted(known)}")
+    return str(arch)
+
+
+def _load_exactly(module: torch.nn.Module, state: dict[str, Any], failure: str, fresh: tuple[str, ...] = ()) -> None:
+    """Loads ``state`` into ``module``; a tensor without a place, or a place without one, is ``failure``.
+
+    Places under ``fresh`` (parts the file does not hold) may stay as initialised.
+    """
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    missing = [key for key in missing if not key.startswith(fresh)] if fresh else missing
+    if missing or unexpected:
+        raise ValueError(f"{failure}: missing {missing[:4]}, unexpected {unexpected[:4]}")
+
+
 def _vit_sizes(state: dict[str, torch.Tensor], backbone: str, prefix: str) -> dict[str, Any]:
     """The timm arguments in which the ViT under ``prefix`` differs from ``backbone``'s defaults (from shapes)."""
     width = int(state[f"{prefix}cls_token"].shape[-1])
@@ -221,12 +241,7 @@ def mocov3_module(checkpoint: dict[str, Any], source: str = "MoCo v3 checkpoint"
     hidden, out = (int(state[f"base.projector.{i}.weight"].shape[0]) for i in (0, 6))
     backbone = MOCOV3_ARCHS[str(arch)]
     module = MoCoV3Module(backbone, _vit_sizes(state, backbone, "base.encoder."), proj_hidden_dim=hidden, proj_dim=out)
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{source}: its weights do not fill the MoCo v3 {arch} model: missing {missing[:4]}, "
-            f"unexpected {unexpected[:4]}"
-        )
+    _load_exactly(module, state, f"{source}: its weights do not fill the MoCo v3 {arch} model")
     return module
 
 
@@ -245,13 +260,7 @@ def mae_module(checkpoint: dict[str, Any], source: str = "MAE checkpoint") -> tu
     model = checkpoint.get("model")
     if _official_format(checkpoint) != "mae" or not isinstance(model, dict):
         raise ValueError(f"{source}: not an official MAE checkpoint; it looks like {_describe(checkpoint)}")
-    args = checkpoint.get("args")
-    width = int(model["cls_token"].shape[-1])
-    arch = getattr(args, "model", None) if args is not None else _MAE_BY_WIDTH.get(width)
-    if arch not in MAE_ARCHS:
-        raise ValueError(
-            f"{source}: MAE model {arch!r} (encoder width {width}); lightning-mim converts {sorted(MAE_ARCHS)}"
-        )
+    arch = _official_arch(checkpoint.get("args"), model, _MAE_BY_WIDTH, MAE_ARCHS, f"{source}: MAE")
     state: dict[str, torch.Tensor] = {}
     decoder_table = None
     for key, value in model.items():
@@ -273,15 +282,9 @@ def mae_module(checkpoint: dict[str, Any], source: str = "MAE checkpoint") -> tu
         ours = cast(torch.Tensor, module.pixel_decoder.pos_embed)  # (1, N, dim): MAE's table without the CLS row
         if not torch.allclose(decoder_table[:, -ours.shape[1] :].float(), ours, atol=1e-5):
             raise ValueError(f"{source}: its decoder_pos_embed is not MAE's fixed sin-cos table of this grid")
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if not with_decoder:
-        missing = [k for k in missing if not k.startswith("pixel_decoder.")]
-    if missing or unexpected:
-        raise ValueError(
-            f"{source}: its weights do not fill the MAE {arch} model: missing {missing[:4]}, "
-            f"unexpected {unexpected[:4]}"
-        )
-    return module, str(arch), with_decoder
+    fresh = () if with_decoder else ("pixel_decoder.",)  # a file without the decoder: MAE's initialisation
+    _load_exactly(module, state, f"{source}: its weights do not fill the MAE {arch} model", fresh)
+    return module, arch, with_decoder
 
 
 def _conmim_branch(model: dict[str, torch.Tensor], branch: str) -> dict[str, torch.Tensor]:
@@ -321,13 +324,8 @@ def conmim_module(
             f"{source}: a ConMIM backbone with absolute or per-layer position embeddings; lightning-mim converts "
             "the official default (a shared relative position bias, no absolute embedding)"
         )
-    args = student.get("args")
+    arch = _official_arch(student.get("args"), model, _CONMIM_BY_WIDTH, CONMIM_ARCHS, f"{source}: ConMIM")
     width = int(model["cls_token"].shape[-1])
-    arch = getattr(args, "model", None) if args is not None else _CONMIM_BY_WIDTH.get(width)
-    if arch not in CONMIM_ARCHS:
-        raise ValueError(
-            f"{source}: ConMIM model {arch!r} (width {width}); lightning-mim converts {sorted(CONMIM_ARCHS)}"
-        )
     backbone, kwargs = CONMIM_ARCHS[str(arch)]
     patch = int(model["patch_embed.proj.weight"].shape[-1])
     window = round(((int(model["rel_pos_bias.relative_position_bias_table"].shape[0]) - 3) ** 0.5 + 1) / 2)
@@ -339,13 +337,8 @@ def conmim_module(
     hidden, out = (int(model[f"projectors.{i}.weight"].shape[0]) for i in (0, 6))
     module = ConMIMModule(backbone, sizes, proj_hidden_dim=hidden, proj_dim=out)
     state = {**_conmim_branch(model, "student"), **_conmim_branch((teacher or student)["model"], "teacher")}
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{source}: its weights do not fill the ConMIM {arch} model: missing {missing[:4]}, "
-            f"unexpected {unexpected[:4]}"
-        )
-    return module, str(arch)
+    _load_exactly(module, state, f"{source}: its weights do not fill the ConMIM {arch} model")
+    return module, arch
 
 
 def _load_official(src: str | Path) -> dict[str, Any]:
