@@ -138,6 +138,17 @@ def test_mimco_trains_from_the_official_file_with_no_stage_1(tmp_path: Path) -> 
     assert all(torch.equal(module.teacher.state_dict()[k], v) for k, v in expected.items())  # frozen
 
 
+def test_an_official_file_given_as_bare_timm_weights_says_to_use_teacher_ckpt(tmp_path: Path) -> None:
+    official_file(tmp_path / "vit-s-300ep.pth.tar")
+    with pytest.raises(ValueError, match=r"an official MoCo v3 checkpoint; pass it as teacher_ckpt"):
+        tiny_mimco(
+            teacher_arch="vit_small_patch16_224",
+            teacher_weights=str(tmp_path / "vit-s-300ep.pth.tar"),
+            teacher_kwargs=SIZE,
+            backbone_kwargs=TINY_VIT_4X4,
+        )
+
+
 def test_files_of_another_kind_are_refused_saying_what_they_look_like(tmp_path: Path) -> None:
     official_file(tmp_path / "r50.pth.tar", arch="resnet50")
     with pytest.raises(ValueError, match=r"MoCo v3 arch 'resnet50'; lightning-mim converts the ViTs"):

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from lightning_mim.checkpoint.files import load_checkpoint
+from lightning_mim.checkpoint.files import load_checkpoint, torch_load_weights
 from lightning_mim.checkpoint.meta import read_meta
 from lightning_mim.checkpoint.weights import load_weights_file
 from lightning_mim.methods.settings import MOCOV3_OPTIM, MOCOV3_VIT_HEADS
@@ -188,7 +188,18 @@ def build_mimco_teacher(
             raise FileNotFoundError(f"teacher_weights must name a local weights file for {teacher_arch!r}")
         names = TimmArgs("MimCoModule", "teacher_arch", "teacher_kwargs")
         teacher = create_timm_model(teacher_arch, names, num_classes=0, global_pool="token", **(teacher_kwargs or {}))
-        load_weights_file(teacher, Path(teacher_weights).expanduser(), ignore=("head.", "fc_norm."))
+        weights = Path(teacher_weights).expanduser()
+        try:
+            load_weights_file(teacher, weights, ignore=("head.", "fc_norm."))
+        except ValueError as err:  # on failure only: say so when the file is an official MoCo v3 checkpoint
+            from lightning_mim.convert import detect_format
+
+            if weights.suffix != ".safetensors" and detect_format(torch_load_weights(weights)) == "mocov3":
+                raise ValueError(
+                    f"MimCoModule(teacher_weights={str(weights)!r}): an official MoCo v3 checkpoint; pass it as "
+                    "teacher_ckpt, which builds MoCo v3's architecture (12 heads for vit_small) and its projector"
+                ) from err
+            raise
         return teacher.requires_grad_(False).eval(), None
     if allow_random_teacher:
         from lightning_mim.methods.moco import MoCoV3Module
