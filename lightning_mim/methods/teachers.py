@@ -194,7 +194,11 @@ def build_mimco_teacher(
         except ValueError as err:  # on failure only: say so when the file is an official MoCo v3 checkpoint
             from lightning_mim.convert import detect_format
 
-            if weights.suffix != ".safetensors" and detect_format(torch_load_weights(weights)) == "mocov3":
+            try:
+                raw = torch_load_weights(weights) if weights.suffix != ".safetensors" else None
+            except ValueError:  # unreadable: the first error says why
+                raw = None
+            if isinstance(raw, dict) and detect_format(raw) == "mocov3":
                 raise ValueError(
                     f"MimCoModule(teacher_weights={str(weights)!r}): an official MoCo v3 checkpoint; pass it as "
                     "teacher_ckpt, which builds MoCo v3's architecture (12 heads for vit_small) and its projector"
