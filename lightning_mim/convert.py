@@ -141,29 +141,26 @@ _TIMM_SIZES = {
 
 
 def detect_format(checkpoint: dict[str, Any]) -> str | None:
-    """The official format a loaded checkpoint has (one of ``OFFICIAL_FORMATS``), or None."""
-    state = checkpoint.get("state_dict")
-    if "lightning_mim" in checkpoint or not isinstance(state, dict):
+    """The official format a loaded checkpoint has (one of ``OFFICIAL_FORMATS``), or None.
+
+    MoCo v3: a DDP-wrapped ``state_dict`` with ``module.base_encoder.*``; ConMIM: BEiT blocks or its
+    ``projectors`` under ``model``; MAE: a timm ViT under ``model``. A lightning-mim checkpoint is none.
+    """
+    if "lightning_mim" in checkpoint:
         return None
-    if any(str(key).startswith("module.base_encoder.") for key in state):  # MoCo v3's DDP-wrapped model
+    state, model = checkpoint.get("state_dict"), checkpoint.get("model")
+    if isinstance(state, dict) and any(str(key).startswith("module.base_encoder.") for key in state):
         return "mocov3"
-    return None
-
-
-def _official_format(checkpoint: dict[str, Any]) -> str | None:
-    """:func:`detect_format`, and MAE's ``{"model": ...}`` (a timm ViT under ``model``)."""
-    found = detect_format(checkpoint)
-    model = checkpoint.get("model")
-    if found is not None or not isinstance(model, dict) or "patch_embed.proj.weight" not in model:
-        return found
-    if "projectors.0.weight" in model or "blocks.0.attn.q_bias" in model:  # BEiT blocks, ConMIM's projector
+    if not isinstance(model, dict) or "patch_embed.proj.weight" not in model:
+        return None
+    if "projectors.0.weight" in model or "blocks.0.attn.q_bias" in model:
         return "conmim"
     return "mae" if "cls_token" in model else None
 
 
 def _describe(checkpoint: dict[str, Any]) -> str:
     """What a checkpoint looks like, for an error: its format, or its top-level keys."""
-    found = _official_format(checkpoint)
+    found = detect_format(checkpoint)
     if found is not None:
         return f"an official {found} checkpoint"
     if "lightning_mim" in checkpoint:
@@ -258,7 +255,7 @@ def mae_module(checkpoint: dict[str, Any], source: str = "MAE checkpoint") -> tu
     from lightning_mim.methods.cmae import MAE_OPTIM, CMAEModule
 
     model = checkpoint.get("model")
-    if _official_format(checkpoint) != "mae" or not isinstance(model, dict):
+    if detect_format(checkpoint) != "mae" or not isinstance(model, dict):
         raise ValueError(f"{source}: not an official MAE checkpoint; it looks like {_describe(checkpoint)}")
     arch = _official_arch(checkpoint.get("args"), model, _MAE_BY_WIDTH, MAE_ARCHS, f"{source}: MAE")
     state: dict[str, torch.Tensor] = {}
@@ -316,7 +313,7 @@ def conmim_module(
 
     files = [student] if teacher is None else [student, teacher]
     for checkpoint in files:
-        if _official_format(checkpoint) != "conmim":
+        if detect_format(checkpoint) != "conmim":
             raise ValueError(f"{source}: not an official ConMIM checkpoint; it looks like {_describe(checkpoint)}")
     model = student["model"]
     if "pos_embed" in model or "rel_pos_bias.relative_position_bias_table" not in model:
@@ -346,7 +343,11 @@ def _load_official(src: str | Path) -> dict[str, Any]:
     path = Path(src).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"official checkpoint not found: {path}")
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5: allowed for this load only
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch_load_weights(path)
+    else:  # torch 2.4: the allow-list is process-wide; it holds this one class
+        torch.serialization.add_safe_globals([argparse.Namespace])
         checkpoint = torch_load_weights(path)
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}, not a dict")
@@ -367,7 +368,7 @@ def convert(src: str | Path, dst: str | Path, format: str | None = None, teacher
     if format is not None and format not in OFFICIAL_FORMATS:
         raise ValueError(f"convert(format={format!r}): must be one of {', '.join(map(repr, OFFICIAL_FORMATS))}")
     checkpoint = _load_official(src)
-    found = _official_format(checkpoint)
+    found = detect_format(checkpoint)
     if found is None or (format is not None and found != format):
         wanted = f"an official {format} checkpoint" if format else f"one of {', '.join(OFFICIAL_FORMATS)}"
         raise ValueError(f"{src}: not {wanted}; it looks like {_describe(checkpoint)}")
