@@ -153,7 +153,7 @@ class _ConfigDecidesHyperparameters(Callback):
 
 #: The commands besides LightningCLI's, listed by ``lightning-mim --help``.
 EPILOG = """other commands:
-  convert FORMAT SRC DST [--export DIR]          an official checkpoint (mocov3, mae, conmim) as ours
+  convert FORMAT SRC DST [--export DIR]          an official checkpoint (mocov3, mae, conmim, cmae) as ours
   export CKPT OUTDIR [--which student|teacher]   write a checkpoint's encoder for timm
   prepare-data SRC DST                           encode an image folder into litdata chunks (streaming)
   recipes [show NAME]                            list the packaged recipes, or print one

@@ -1,4 +1,4 @@
-"""Official checkpoints as lightning-mim checkpoints (so far: the released MoCo v3 ViTs).
+"""Official checkpoints as lightning-mim checkpoints: MoCo v3, MAE, ConMIM and CMAE.
 
 :func:`convert` reads an official file with ``weights_only=True``, renames its keys to those of the
 module it corresponds to, loads them into that module strictly (every tensor must find its place, and
@@ -61,6 +61,34 @@ backbone keys (``cls_token``, ...)    ``{branch}.encoder.vit.*``
 The student file fills the student and the copy the teacher; given one file, both branches get it
 (as the official run starts its teacher). The architecture comes from ``args.model`` or the width.
 ConMIM's released weights are fine-tuned ones, not these.
+
+CMAE (ZhichengHuang/CMAE, mmengine) keeps weights under ``state_dict`` with mmcv's ViT names. The
+released pre-training files are the online encoder alone, as ``tools/extract_backbone_weights.py``
+writes them (``{"state_dict": {...}, "author": "CMAE"}``, the ``backbone.`` prefix stripped); a whole
+model's ``state_dict`` holds every part under the prefixes below. (A training checkpoint as mmengine's
+``Runner`` saves it also pickles mmengine's log objects, which ``weights_only=True`` refuses.) The ViT
+names map to timm's: ``patch_embed.projection`` -> ``patch_embed.proj``, ``layers.N`` -> ``blocks.N``,
+``ln1``/``ln2`` in a layer -> ``norm1``/``norm2``, ``ffn.layers.0.0`` -> ``mlp.fc1``, ``ffn.layers.1``
+-> ``mlp.fc2``, the final ``ln1`` -> ``norm``; the decoders' ``decoder_embed``, ``decoder_blocks``,
+``ln1`` and ``decoder_pred`` -> ``embed``, ``blocks``, ``norm``, ``head``; the 2-layer necks'
+``fc0``, ``bn0``, ``fc1`` -> ``0``, ``1``, ``3``. Into :class:`~lightning_mim.CMAEModule`:
+
+====================================  ======================================
+``backbone.*`` (or the bare encoder)  ``online_encoder.vit.*``
+``target_backbone.*``                 ``target_encoder.vit.*`` (no final norm)
+``pixel_decoder.*``                   ``pixel_decoder.*``
+``feature_decoder.*``                 ``online_heads.feature_decoder.*``
+``projector.*``                       ``online_heads.projector.*``
+``head.predictor.*``                  ``online_heads.predictor.*``
+``target_projector.*``                ``target_projector.*``
+``*.decoder_pos_embed``               (fixed sin-cos; checked equal to ours, not stored)
+====================================  ======================================
+
+The architecture is the one of CMAE's ``arch_zoo`` with the encoder's width and MLP width (``b``:
+768 and 3072, 12 heads; ``l``: 1024 and 4096, 16 heads; ``s``: 768 and 2304, 8 heads), the other
+sizes from the tensors, 16 decoder heads (the official config's). An encoder alone gets a target
+encoder copied from it (as the official run starts) and freshly initialised decoders and necks;
+the sin-cos tables follow the file's (CMAE's: rows first).
 """
 
 from __future__ import annotations
@@ -75,6 +103,7 @@ import torch
 
 from lightning_mim.checkpoint.files import torch_load_weights
 from lightning_mim.checkpoint.io import AtomicCheckpointIO
+from lightning_mim.nn.pos_embed import sincos_order_of
 
 if TYPE_CHECKING:
     from lightning_mim.methods.cmae import CMAEModule
@@ -82,10 +111,12 @@ if TYPE_CHECKING:
     from lightning_mim.methods.moco import MoCoV3Module
 
 __all__ = [
+    "CMAE_ARCHS",
     "CONMIM_ARCHS",
     "MAE_ARCHS",
     "MOCOV3_ARCHS",
     "OFFICIAL_FORMATS",
+    "cmae_module",
     "conmim_module",
     "convert",
     "detect_format",
@@ -94,7 +125,7 @@ __all__ = [
 ]
 
 #: The official formats :func:`convert` reads.
-OFFICIAL_FORMATS = ("mocov3", "mae", "conmim")
+OFFICIAL_FORMATS = ("mocov3", "mae", "conmim", "cmae")
 
 #: ConMIM's ``args.model`` names (``modeling_pretrain.py``) -> (timm BEiT, its arguments over ours).
 CONMIM_ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -118,6 +149,48 @@ _MAE_DECODER = (
     ("decoder_norm.", "pixel_decoder.norm."),
     ("decoder_pred.", "pixel_decoder.head."),
 )
+
+#: CMAE's ``arch_zoo`` (``vision_transformer.py``): (width, MLP width) -> (arch, timm model, its arguments over timm's).
+CMAE_ARCHS: dict[tuple[int, int], tuple[str, str, dict[str, Any]]] = {
+    (768, 3072): ("b", "vit_base_patch16_224", {}),
+    (1024, 4096): ("l", "vit_large_patch16_224", {}),
+    (768, 2304): ("s", "vit_base_patch16_224", {"num_heads": 8, "mlp_ratio": 3.0}),
+}
+#: Official CMAE model prefix -> ours (a whole model's ``state_dict``).
+_CMAE_PREFIXES = (
+    ("backbone.", "online_encoder.vit."),
+    ("target_backbone.", "target_encoder.vit."),
+    ("pixel_decoder.", "pixel_decoder."),
+    ("feature_decoder.", "online_heads.feature_decoder."),
+    ("projector.", "online_heads.projector."),
+    ("head.predictor.", "online_heads.predictor."),
+    ("target_projector.", "target_projector."),
+)
+#: mmcv's names inside a transformer layer -> timm's ``Block``.
+_MMCV_LAYER = (
+    ("ln1.", "norm1."),
+    ("ln2.", "norm2."),
+    ("attn.qkv.", "attn.qkv."),
+    ("attn.proj.", "attn.proj."),
+    ("ffn.layers.0.0.", "mlp.fc1."),
+    ("ffn.layers.1.", "mlp.fc2."),
+)
+#: mmcv's (mmselfsup's) top-level names of a ViT and of an MAE decoder -> timm's and ours.
+_MMCV_TOP = {
+    "encoder": (
+        ("cls_token", "cls_token"),
+        ("pos_embed", "pos_embed"),
+        ("patch_embed.projection.", "patch_embed.proj."),
+        ("ln1.", "norm."),
+    ),
+    "decoder": (
+        ("mask_token", "mask_token"),
+        ("decoder_embed.", "embed."),
+        ("ln1.", "norm."),
+        ("decoder_pred.", "head."),
+    ),
+    "neck": (("fc0.", "0."), ("bn0.", "1."), ("fc1.", "3.")),
+}
 
 #: MoCo v3's ViT ``arch`` names (``vits.py``) -> the timm architecture with the same defaults.
 MOCOV3_ARCHS = {"vit_small": "vit_small_patch16_224", "vit_base": "vit_base_patch16_224"}
@@ -144,13 +217,16 @@ def detect_format(checkpoint: dict[str, Any]) -> str | None:
     """The official format a loaded checkpoint has (one of ``OFFICIAL_FORMATS``), or None.
 
     MoCo v3: a DDP-wrapped ``state_dict`` with ``module.base_encoder.*``; ConMIM: BEiT blocks or its
-    ``projectors`` under ``model``; MAE: a timm ViT under ``model``. A lightning-mim checkpoint is none.
+    ``projectors`` under ``model``; MAE: a timm ViT under ``model``; CMAE: mmcv's ViT names
+    (``patch_embed.projection``) under ``state_dict``. A lightning-mim checkpoint is none.
     """
     if "lightning_mim" in checkpoint:
         return None
     state, model = checkpoint.get("state_dict"), checkpoint.get("model")
     if isinstance(state, dict) and any(str(key).startswith("module.base_encoder.") for key in state):
         return "mocov3"
+    if isinstance(state, dict) and any(str(key).endswith("patch_embed.projection.weight") for key in state):
+        return "cmae"
     if not isinstance(model, dict) or "patch_embed.proj.weight" not in model:
         return None
     if "projectors.0.weight" in model or "blocks.0.attn.q_bias" in model:
@@ -196,10 +272,18 @@ def _load_exactly(module: torch.nn.Module, state: dict[str, Any], failure: str, 
 
     Places under ``fresh`` (parts the file does not hold) may stay as initialised.
     """
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = module.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a tensor of another shape than its place
+        raise ValueError(f"{failure}: {str(err).splitlines()[-1].strip()}") from err
     missing = [key for key in missing if not key.startswith(fresh)] if fresh else missing
     if missing or unexpected:
         raise ValueError(f"{failure}: missing {missing[:4]}, unexpected {unexpected[:4]}")
+
+
+def _count_blocks(state: dict[str, Any], prefix: str) -> int:
+    """The number of blocks ``prefix`` + index in ``state``."""
+    return len({key[len(prefix) :].split(".")[0] for key in state if key.startswith(prefix)})
 
 
 def _vit_sizes(state: dict[str, torch.Tensor], backbone: str, prefix: str) -> dict[str, Any]:
@@ -207,7 +291,7 @@ def _vit_sizes(state: dict[str, torch.Tensor], backbone: str, prefix: str) -> di
     width = int(state[f"{prefix}cls_token"].shape[-1])
     patch = int(state[f"{prefix}patch_embed.proj.weight"].shape[-1])
     side = round((int(state[f"{prefix}pos_embed"].shape[1]) - 1) ** 0.5)
-    depth = len({key[len(prefix) :].split(".")[1] for key in state if key.startswith(f"{prefix}blocks.")})
+    depth = _count_blocks(state, f"{prefix}blocks.")
     read = dict(zip(("embed_dim", "depth", "patch_size", "img_size"), (width, depth, patch, side * patch), strict=True))
     defaults = dict(zip(read, _TIMM_SIZES[backbone], strict=True))
     return {name: value for name, value in read.items() if value != defaults[name]}
@@ -272,8 +356,7 @@ def mae_module(checkpoint: dict[str, Any], source: str = "MAE checkpoint") -> tu
     decoder: dict[str, Any] = {}
     if with_decoder:
         decoder_dim = int(state["pixel_decoder.embed.weight"].shape[0])
-        depth = len({k.split(".")[2] for k in state if k.startswith("pixel_decoder.blocks.")})
-        decoder = {"decoder_dim": decoder_dim, "decoder_depth": depth}
+        decoder = {"decoder_dim": decoder_dim, "decoder_depth": _count_blocks(state, "pixel_decoder.blocks.")}
     module = CMAEModule(backbone, sizes, contrastive_weight=0.0, optim=MAE_OPTIM, **decoder)
     if decoder_table is not None and with_decoder:
         ours = cast(torch.Tensor, module.pixel_decoder.pos_embed)  # (1, N, dim): MAE's table without the CLS row
@@ -338,17 +421,126 @@ def conmim_module(
     return module, arch
 
 
+def _mmcv_name(key: str, kind: str) -> str | None:
+    """An mmcv ViT (``kind="encoder"``), MAE decoder (``"decoder"``) or neck (``"neck"``) key as ours; None: unknown."""
+    layers = {"encoder": "layers.", "decoder": "decoder_blocks.", "neck": None}[kind]
+    if layers is not None and key.startswith(layers):
+        index, _, rest = key[len(layers) :].partition(".")
+        new = next((new + rest[len(old) :] for old, new in _MMCV_LAYER if rest.startswith(old)), None)
+        return f"blocks.{index}.{new}" if index.isdigit() and new is not None else None
+    return next((new + key[len(old) :] for old, new in _MMCV_TOP[kind] if key.startswith(old)), None)
+
+
+def _cmae_state(state_dict: dict[str, Any], source: str) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """An official CMAE state dict (a whole model's, or the encoder's alone) under CMAEModule's names.
+
+    Returns the renamed tensors and the decoders' fixed position tables (checked, not loaded).
+    """
+    whole = any(key.startswith("backbone.") for key in state_dict)
+    renamed: dict[str, torch.Tensor] = {}
+    tables: list[torch.Tensor] = []
+    for key, value in state_dict.items():
+        if not whole:
+            old, new = "", "online_encoder.vit."
+        else:
+            prefix = next((p for p in _CMAE_PREFIXES if key.startswith(p[0])), None)
+            if prefix is None:
+                raise ValueError(
+                    f"{source}: the CMAE key {key!r} belongs to no part of the model (expected the prefixes "
+                    f"{', '.join(p for p, _ in _CMAE_PREFIXES)})"
+                )
+            old, new = prefix
+        part = key[len(old) :]
+        if part == "decoder_pos_embed":
+            tables.append(value)
+            continue
+        kind = "decoder" if "decoder" in old else "neck" if old.endswith(("projector.", "predictor.")) else "encoder"
+        name = _mmcv_name(part, kind)
+        if name is None:
+            raise ValueError(f"{source}: the CMAE {kind} key {key!r} has no place in lightning-mim's CMAE")
+        renamed[new + name] = value
+    return renamed, tables
+
+
+def cmae_module(checkpoint: dict[str, Any], source: str = "CMAE checkpoint") -> tuple[CMAEModule, str, str]:
+    """A :class:`~lightning_mim.CMAEModule` holding an official CMAE checkpoint's weights.
+
+    Returns:
+        The module, CMAE's arch name (``b``, ``l``, ``s``), and which parts the file held: ``"encoder"``
+        (a released file: the rest is initialised as a new run's) or ``"all"``.
+
+    Raises:
+        ValueError: Not a CMAE pre-training checkpoint (a fine-tuned classifier, another format), an
+            architecture outside CMAE's ``arch_zoo``, or weights that do not fill the model exactly.
+    """
+    from lightning_mim.methods.cmae import CMAEModule
+
+    state_dict = checkpoint.get("state_dict")
+    if detect_format(checkpoint) != "cmae" or not isinstance(state_dict, dict):
+        raise ValueError(f"{source}: not an official CMAE checkpoint; it looks like {_describe(checkpoint)}")
+    if any(str(key).startswith(("head.head.", "fc_norm.", "backbone.fc_norm.")) for key in state_dict):
+        raise ValueError(
+            f"{source}: a fine-tuned CMAE classifier (it has fc_norm / head.head); lightning-mim converts the "
+            "pre-training weights (the 'PT' files of CMAE's README)"
+        )
+    state, tables = _cmae_state(state_dict, source)
+    enc = "online_encoder.vit."
+    width, mlp = int(state[f"{enc}cls_token"].shape[-1]), int(state[f"{enc}blocks.0.mlp.fc1.weight"].shape[0])
+    if (width, mlp) not in CMAE_ARCHS:
+        raise ValueError(
+            f"{source}: a CMAE encoder of width {width} and MLP width {mlp}; lightning-mim converts CMAE's "
+            f"arch_zoo {', '.join(f'{a} ({w}, {m})' for (w, m), (a, _, _) in CMAE_ARCHS.items())}"
+        )
+    arch, backbone, kwargs = CMAE_ARCHS[(width, mlp)]
+    sizes = {**kwargs, **_vit_sizes(state, backbone, enc)}
+    table = state[f"{enc}pos_embed"]
+    grid = (round((int(table.shape[1]) - 1) ** 0.5),) * 2
+    order = sincos_order_of(table, grid) or "rows_first"  # the decoders' tables follow the encoder's
+    whole = any(key.startswith("pixel_decoder.") for key in state)
+    parts: dict[str, Any] = {}
+    if whole:
+        parts = {
+            "decoder_dim": int(state["pixel_decoder.embed.weight"].shape[0]),
+            "decoder_depth": _count_blocks(state, "pixel_decoder.blocks."),
+            "feature_decoder_depth": _count_blocks(state, "online_heads.feature_decoder.blocks."),
+            "proj_hidden_dim": int(state["online_heads.projector.0.weight"].shape[0]),
+            "proj_dim": int(state["online_heads.projector.3.weight"].shape[0]),
+        }
+    module = CMAEModule(backbone, sizes, pos_embed_order=order, **parts)
+    for found in tables:
+        ours = cast(torch.Tensor, module.pixel_decoder.pos_embed)  # (1, N, dim): without the CLS row
+        if found.shape[-1] != ours.shape[-1] or not torch.allclose(found[:, -ours.shape[1] :].float(), ours, atol=1e-5):
+            raise ValueError(f"{source}: a decoder_pos_embed is not CMAE's fixed sin-cos table of this grid")
+    fresh: tuple[str, ...] = ()
+    if not whole:  # the official run starts its target branch as a copy of the online one
+        encoder = {k[len(enc) :]: v for k, v in state.items() if k.startswith(enc)}
+        state.update({f"target_encoder.vit.{k}": v for k, v in encoder.items() if not k.startswith("norm.")})
+        fresh = ("pixel_decoder.", "online_heads.", "target_projector.")
+    _load_exactly(module, state, f"{source}: its weights do not fill the CMAE {arch} model", fresh)
+    return module, arch, "all" if whole else "encoder"
+
+
 def _load_official(src: str | Path) -> dict[str, Any]:
     """An official file with ``weights_only=True``, letting ``argparse.Namespace`` (MAE's ``args``) through."""
     path = Path(src).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"official checkpoint not found: {path}")
-    if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5: allowed for this load only
-        with torch.serialization.safe_globals([argparse.Namespace]):
+    try:
+        if hasattr(torch.serialization, "safe_globals"):  # torch >= 2.5: allowed for this load only
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                checkpoint = torch_load_weights(path)
+        else:  # torch 2.4: the allow-list is process-wide; it holds this one class
+            torch.serialization.add_safe_globals([argparse.Namespace])
             checkpoint = torch_load_weights(path)
-    else:  # torch 2.4: the allow-list is process-wide; it holds this one class
-        torch.serialization.add_safe_globals([argparse.Namespace])
-        checkpoint = torch_load_weights(path)
+    except ValueError as err:
+        if "mmengine" not in str(err):
+            raise
+        raise ValueError(
+            f"{err}. It is an mmengine training checkpoint (CMAE's Runner saves its log objects too). Save its "
+            "weights alone where mmengine is installed and convert that file: CMAE's "
+            "tools/extract_backbone_weights.py (the encoder), or torch.save({'state_dict': torch.load(SRC, "
+            "weights_only=False)['state_dict']}, DST) for every part"
+        ) from err
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}, not a dict")
     return checkpoint
@@ -381,12 +573,15 @@ def convert(src: str | Path, dst: str | Path, format: str | None = None, teacher
         origin["arch"] = str(checkpoint["arch"])
     elif found == "mae":
         module, origin["arch"], origin["decoder"] = mae_module(checkpoint, str(src))
+    elif found == "cmae":
+        module, origin["arch"], origin["parts"] = cmae_module(checkpoint, str(src))
     else:
         copy = _load_official(teacher) if teacher is not None else None
         module, origin["arch"] = conmim_module(checkpoint, copy, str(src))
         origin["teacher"] = Path(teacher).name if teacher is not None else "the student's weights"
-    if isinstance(checkpoint.get("epoch"), int):
-        origin["epoch"] = checkpoint["epoch"]
+    epoch = checkpoint.get("epoch", (checkpoint.get("meta") or {}).get("epoch"))  # mmengine: meta.epoch
+    if isinstance(epoch, int):
+        origin["epoch"] = epoch
     out: dict[str, Any] = {
         "state_dict": module.state_dict(),
         "hyper_parameters": dict(module.hparams),

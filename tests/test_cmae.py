@@ -64,7 +64,13 @@ def test_default_structure_is_the_official_one() -> None:
     assert isinstance(module.masking, GridMasking) and module.num_visible == 68
     vit = module.online_encoder.vit
     assert not vit.pos_embed.requires_grad
-    assert torch.allclose(vit.pos_embed, sincos_2d_pos_embed((14, 14), 768))
+    # CMAE's table has the row index in the first half (as MoCo v3's), MAE's the column index
+    assert module.hparams["pos_embed_order"] == "rows_first"
+    assert torch.allclose(vit.pos_embed, sincos_2d_pos_embed((14, 14), 768, order="rows_first"))
+    decoder_table = cast(MAEDecoder, module.pixel_decoder).pos_embed
+    assert torch.allclose(decoder_table, sincos_2d_pos_embed((14, 14), 512, cls_token=False, order="rows_first"))
+    mae = CMAEModule(contrastive_weight=0.0, decoder_depth=1)
+    assert torch.allclose(mae.online_encoder.vit.pos_embed, sincos_2d_pos_embed((14, 14), 768))
     assert isinstance(module.target_encoder.vit.norm, nn.Identity) and isinstance(vit.norm, nn.LayerNorm)
     projector = cast(nn.Sequential, module.online_heads.projector)
     assert [type(m).__name__ for m in projector] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
@@ -169,3 +175,22 @@ def test_a_checkpoint_from_before_the_online_encoder_rename_loads(tmp_path) -> N
     assert all(torch.equal(restored.state_dict()[k], v) for k, v in module.state_dict().items())
     assert restored.encoder() is restored.online_encoder.vit
     assert restored.encoder("teacher") is restored.target_encoder.vit
+
+
+def test_a_checkpoint_with_the_other_table_layout_is_followed(tmp_path) -> None:
+    # before pos_embed_order, CMAE built MAE's layout (columns first); such a checkpoint records no order
+    module = tiny_cmae(pos_embed_order="columns_first").eval()
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    del checkpoint["hyper_parameters"]["pos_embed_order"]
+    module.on_save_checkpoint(checkpoint)
+    checkpoint["pytorch-lightning_version"] = "2.6.0"
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    with pytest.warns(UserWarning, match=r"table is 'columns_first', this module was built with .*'rows_first'"):
+        restored = CMAEModule.load_from_checkpoint(tmp_path / "old.ckpt", weights_only=True).eval()
+    assert restored.pos_embed_order == restored.hparams["pos_embed_order"] == "columns_first"
+    images, mask = torch.randn(2, 3, 32, 32), module.masking(2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tokens = module.online_encoder(images, mask, num_visible=module.num_visible)
+        torch.testing.assert_close(restored.pixel_decoder(tokens, mask), module.pixel_decoder(tokens, mask))
+        features = restored.online_heads.feature_decoder(tokens, mask)
+        torch.testing.assert_close(features, module.online_heads.feature_decoder(tokens, mask))

@@ -159,9 +159,10 @@ def test_files_of_another_kind_are_refused_saying_what_they_look_like(tmp_path: 
 
     trainer.fit(tiny_conmim(), SampleDataModule(batch_size=8, train_size=16))
     trainer.save_checkpoint(ours)
-    with pytest.raises(ValueError, match=r"not one of mocov3, mae, conmim; it looks like a lightning-mim conmim"):
+    with pytest.raises(ValueError, match=r"not one of mocov3, mae, conmim, cmae; it looks like a lightning-mim conmim"):
         convert(ours, tmp_path / "out.ckpt")
-    with pytest.raises(ValueError, match=r"^convert\(format='beit'\): must be one of 'mocov3', 'mae', 'conmim'$"):
+    formats = "'mocov3', 'mae', 'conmim', 'cmae'"
+    with pytest.raises(ValueError, match=rf"^convert\(format='beit'\): must be one of {formats}$"):
         convert(ours, tmp_path / "out.ckpt", format="beit")
     with pytest.raises(ValueError, match=r"not an official mae checkpoint; it looks like a lightning-mim conmim"):
         convert(ours, tmp_path / "out.ckpt", format="mae")

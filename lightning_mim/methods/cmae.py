@@ -26,6 +26,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 
@@ -45,6 +46,7 @@ from lightning_mim.methods._parts import (
 )
 from lightning_mim.methods._state import load_method_state, record_hparams, restore_optim, save_method_state
 from lightning_mim.methods._validation import (
+    check_choice,
     check_contrastive_batch,
     check_divisible,
     check_loss_weights,
@@ -63,6 +65,7 @@ from lightning_mim.methods.settings import (
 from lightning_mim.nn import BNProjector, MAEDecoder
 from lightning_mim.nn.compile import compile_in_place
 from lightning_mim.nn.heads import DecodedImageHead
+from lightning_mim.nn.pos_embed import SinCosOrder, sincos_order_of
 from lightning_mim.optim import OptimConfig, configure_adamw
 from lightning_mim.patches import patchify
 from lightning_mim.pictures import reconstruction_panels
@@ -95,6 +98,11 @@ class CMAEModule(pl.LightningModule):
         sync_batchnorm: Synchronise the projector/predictor BatchNorms across GPUs (CPU runs: per-rank statistics).
         init: ``"official"``: the encoder initialisation of MAE's code (:func:`~lightning_mim.nn.init.init_mae_vit_`);
             ``"timm"`` keeps timm's. The decoders always take MAE's initialisation.
+        pos_embed_order: Layout of the fixed sin-cos tables of the encoder and both decoders: which grid
+            coordinate the first half of the channels encodes. None: the official code's, ``"rows_first"``
+            for CMAE (its ``build_2d_sincos_position_embedding``, as MoCo v3's) and ``"columns_first"``
+            for MAE (``contrastive_weight=0``; MAE's ``get_2d_sincos_pos_embed``). A checkpoint whose
+            table has the other layout is followed, with a warning.
         optim: AdamW + warmup-cosine; default ``CMAE_OPTIM`` (the MAE baseline: ``MAE_OPTIM``, MAE's decay rule).
         compile: ``torch.compile`` the encoders and decoders in place (checkpoints unchanged).
         grad_checkpointing: Recompute the online encoder's blocks in the backward pass (less memory).
@@ -120,6 +128,7 @@ class CMAEModule(pl.LightningModule):
         momentum: float = 0.996,
         sync_batchnorm: bool = True,
         init: Literal["official", "timm"] = "official",
+        pos_embed_order: SinCosOrder | None = None,
         optim: OptimConfig = CMAE_OPTIM,
         compile: bool = False,
         grad_checkpointing: bool = False,
@@ -135,7 +144,11 @@ class CMAEModule(pl.LightningModule):
         check_divisible(owner, decoder_dim=decoder_dim, decoder_heads=decoder_heads)
         check_momenta(owner, momentum=momentum)
         self.mean, self.std = checked_normalization(owner, mean, std)
-        self.online_encoder = mae_encoder(owner, backbone, backbone_kwargs, init)
+        official_order: SinCosOrder = "rows_first" if contrastive_weight > 0 else "columns_first"
+        self.pos_embed_order: SinCosOrder = pos_embed_order or official_order
+        self.hparams["pos_embed_order"] = self.pos_embed_order  # recorded as built, not as None
+        check_choice(owner, ("rows_first", "columns_first"), pos_embed_order=self.pos_embed_order)
+        self.online_encoder = mae_encoder(owner, backbone, backbone_kwargs, init, self.pos_embed_order)
         grid, width = self.online_encoder.grid_size, self.online_encoder.embed_dim
         self.masking = masking if masking is not None else default_cmae_masking(owner, grid)
         check_visible_masking(owner, self.masking, grid)  # the encoder sees the visible patches only
@@ -166,7 +179,8 @@ class CMAEModule(pl.LightningModule):
     def build_decoder(self, depth: int, out_dim: int) -> nn.Module:
         """An MAE decoder of ``depth`` blocks: visible tokens to ``out_dim`` per patch (pixels P*P*3, or features)."""
         enc, dim, heads = self.online_encoder, self.decoder_dim, self.decoder_heads
-        return MAEDecoder(enc.grid_size, enc.embed_dim, out_dim, dim, depth, heads, 4.0, enc.num_prefix_tokens)
+        prefix = enc.num_prefix_tokens
+        return MAEDecoder(enc.grid_size, enc.embed_dim, out_dim, dim, depth, heads, 4.0, prefix, self.pos_embed_order)
 
     def build_projector(self, in_dim: int) -> nn.Module:
         """The projector of both branches (the target branch gets a copy): CMAE's 2-layer BatchNorm MLP."""
@@ -291,4 +305,23 @@ class CMAEModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         renamed = {"encoder.": "online_encoder."}  # the online encoder's name before 0.3
         load_method_state(checkpoint, self._method, {"mask_stream": self._masks}, renamed=renamed)
+        self._follow_pos_embed_order(checkpoint.get("state_dict", {}).get("online_encoder.vit.pos_embed"))
         self.optim = restore_optim(self, self.optim, checkpoint)
+
+    def _follow_pos_embed_order(self, table: Tensor | None) -> None:
+        """Sets the decoders' fixed tables (not in checkpoints) to the layout of a loaded encoder table.
+
+        Checkpoints written before ``pos_embed_order`` existed hold CMAE's encoder table columns first.
+        """
+        found = sincos_order_of(table, self.online_encoder.grid_size) if table is not None else None
+        if found is None or found == self.pos_embed_order:
+            return
+        rank_zero_warn(
+            f"{type(self).__name__}: the checkpoint's sin-cos position table is {found!r}, this module was built "
+            f"with pos_embed_order={self.pos_embed_order!r}; following the checkpoint (decoders set to {found!r})"
+        )
+        self.pos_embed_order = found
+        self.hparams["pos_embed_order"] = found
+        for module in self.modules():
+            if isinstance(module, MAEDecoder):
+                module.set_pos_embed_order(found)

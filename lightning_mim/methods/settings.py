@@ -14,7 +14,7 @@ from lightning_mim.masking import GridMasking
 from lightning_mim.methods._validation import check_choice
 from lightning_mim.nn.init import init_mae_vit_
 from lightning_mim.nn.masked_vit import MaskedViT
-from lightning_mim.nn.pos_embed import freeze_sincos_pos_embed
+from lightning_mim.nn.pos_embed import SinCosOrder, freeze_sincos_pos_embed
 from lightning_mim.nn.timm_models import TimmArgs
 from lightning_mim.optim import DECAY_ALL, OptimConfig, WeightDecayRule
 
@@ -74,11 +74,13 @@ MAE_DECAY_RULE = WeightDecayRule(one_dim=True, bias=True, module_hooks=False)
 MAE_OPTIM = dataclasses.replace(CMAE_OPTIM, decay_rule=MAE_DECAY_RULE)
 
 
-def mae_encoder(owner: str, backbone: str, backbone_kwargs: dict[str, Any] | None, init: str) -> MaskedViT:
+def mae_encoder(
+    owner: str, backbone: str, backbone_kwargs: dict[str, Any] | None, init: str, order: SinCosOrder = "columns_first"
+) -> MaskedViT:
     """MAE's (and CMAE's) encoder on the visible patches, with the fixed sin-cos position table.
 
     ``init="official"``: MAE's initialisation (:func:`~lightning_mim.nn.init.init_mae_vit_`); ``"timm"``
-    keeps timm's.
+    keeps timm's. ``order``: the table's layout (MAE: columns first; CMAE: rows first).
     """
     check_choice(owner, ("official", "timm"), init=init)
     names = TimmArgs(owner, "backbone", "backbone_kwargs")
@@ -87,7 +89,7 @@ def mae_encoder(owner: str, backbone: str, backbone_kwargs: dict[str, Any] | Non
         init_mae_vit_(encoder.vit)
     if encoder.vit.pos_embed is None:
         raise ValueError(f"{owner}(backbone={backbone!r}): has no absolute position embedding to fix to sin-cos")
-    freeze_sincos_pos_embed(encoder.vit.pos_embed, encoder.grid_size)
+    freeze_sincos_pos_embed(encoder.vit.pos_embed, encoder.grid_size, order)
     return encoder
 
 

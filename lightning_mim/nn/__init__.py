@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from lightning_mim.nn.enhancer import Enhancer
     from lightning_mim.nn.heads import BNProjector
     from lightning_mim.nn.masked_vit import MaskedViT, visible_indices
-    from lightning_mim.nn.pos_embed import freeze_sincos_pos_embed, sincos_2d_pos_embed
+    from lightning_mim.nn.pos_embed import freeze_sincos_pos_embed, sincos_2d_pos_embed, sincos_order_of
     from lightning_mim.nn.tokenizer import DALLETokenizer, ImageTokenizer, VQTokenizer
 
 _EXPORTS = {
@@ -24,6 +24,7 @@ _EXPORTS = {
     "visible_indices": "lightning_mim.nn.masked_vit",
     "freeze_sincos_pos_embed": "lightning_mim.nn.pos_embed",
     "sincos_2d_pos_embed": "lightning_mim.nn.pos_embed",
+    "sincos_order_of": "lightning_mim.nn.pos_embed",
     "DALLETokenizer": "lightning_mim.nn.tokenizer",
     "ImageTokenizer": "lightning_mim.nn.tokenizer",
     "VQTokenizer": "lightning_mim.nn.tokenizer",
@@ -40,5 +41,6 @@ __all__ = [
     "VQTokenizer",
     "freeze_sincos_pos_embed",
     "sincos_2d_pos_embed",
+    "sincos_order_of",
     "visible_indices",
 ]

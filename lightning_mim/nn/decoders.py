@@ -9,7 +9,7 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from lightning_mim.nn.masked_vit import visible_indices
-from lightning_mim.nn.pos_embed import sincos_2d_pos_embed
+from lightning_mim.nn.pos_embed import SinCosOrder, sincos_2d_pos_embed
 
 __all__ = ["MAEDecoder"]
 
@@ -31,6 +31,8 @@ class MAEDecoder(nn.Module):
         num_heads: Attention heads.
         mlp_ratio: MLP hidden width / dim.
         num_prefix_tokens: Prefix (class) tokens in the encoder output.
+        pos_embed_order: Which grid coordinate the first half of the sin-cos channels encodes:
+            ``"columns_first"`` (MAE's table) or ``"rows_first"`` (CMAE's, as MoCo v3's).
     """
 
     pos_embed: Tensor
@@ -45,6 +47,7 @@ class MAEDecoder(nn.Module):
         num_heads: int = 16,
         mlp_ratio: float = 4.0,
         num_prefix_tokens: int = 1,
+        pos_embed_order: SinCosOrder = "columns_first",
     ) -> None:
         super().__init__()
         self.grid_size = grid_size
@@ -52,8 +55,8 @@ class MAEDecoder(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.embed = nn.Linear(in_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        pos = sincos_2d_pos_embed(grid_size, dim, cls_token=False)  # (1, N, dim)
-        self.register_buffer("pos_embed", pos, persistent=False)
+        self.register_buffer("pos_embed", torch.empty(1, self.num_patches, dim), persistent=False)
+        self.set_pos_embed_order(pos_embed_order)
         self.blocks = nn.Sequential(
             *[Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=_LayerNorm) for _ in range(depth)]
         )
@@ -72,6 +75,13 @@ class MAEDecoder(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+
+    def set_pos_embed_order(self, order: SinCosOrder) -> None:
+        """Fills the fixed position table (not in checkpoints) with the sin-cos layout ``order``."""
+        dim = self.pos_embed.shape[-1]
+        with torch.no_grad():
+            self.pos_embed.copy_(sincos_2d_pos_embed(self.grid_size, dim, cls_token=False, order=order))
+        self.pos_embed_order = order
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"}

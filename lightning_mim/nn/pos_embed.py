@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 #: column index first; MoCo v3's (and mmselfsup's) encodes the row index first.
 SinCosOrder = Literal["columns_first", "rows_first"]
 
-__all__ = ["freeze_sincos_pos_embed", "sincos_2d_pos_embed"]
+__all__ = ["freeze_sincos_pos_embed", "sincos_2d_pos_embed", "sincos_order_of"]
 
 
 def _sincos_1d(positions: Tensor, dim: int) -> Tensor:
@@ -53,3 +53,19 @@ def freeze_sincos_pos_embed(
     with torch.no_grad():
         pos_embed.copy_(sincos_2d_pos_embed(grid_size, dim, cls_token=with_cls, order=order))
     pos_embed.requires_grad_(False)
+
+
+def sincos_order_of(table: Tensor, grid_size: tuple[int, int], atol: float = 1e-5) -> SinCosOrder | None:
+    """The layout of a (1, [1 +] N, D) fixed sin-cos table (see :func:`sincos_2d_pos_embed`); None: neither.
+
+    A table that is neither (learned, interpolated, of another grid) is None.
+    """
+    num_tokens, dim = int(table.shape[1]), int(table.shape[2])
+    num_patches = grid_size[0] * grid_size[1]
+    if num_tokens not in (num_patches, num_patches + 1) or dim % 4:
+        return None
+    for order in ("rows_first", "columns_first"):
+        reference = sincos_2d_pos_embed(grid_size, dim, cls_token=num_tokens > num_patches, order=order)
+        if torch.allclose(table.detach().float().cpu(), reference, atol=atol):
+            return cast(SinCosOrder, order)
+    return None
