@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import torch
@@ -180,7 +180,7 @@ def test_a_checkpoint_from_before_the_online_encoder_rename_loads(tmp_path) -> N
 def test_a_checkpoint_with_the_other_table_layout_is_followed(tmp_path) -> None:
     # before pos_embed_order, CMAE built MAE's layout (columns first); such a checkpoint records no order
     module = tiny_cmae(pos_embed_order="columns_first").eval()
-    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    checkpoint: dict[str, Any] = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
     del checkpoint["hyper_parameters"]["pos_embed_order"]
     module.on_save_checkpoint(checkpoint)
     checkpoint["pytorch-lightning_version"] = "2.6.0"
