@@ -361,3 +361,33 @@ def test_one_conmim_file_fills_both_branches_and_a_teacher_needs_conmim(tmp_path
     mae_file(tmp_path / "mae.pth")
     with pytest.raises(ValueError, match=r"a teacher file goes with a ConMIM student, not mae"):
         convert(tmp_path / "mae.pth", tmp_path / "x.ckpt", teacher=tmp_path / "checkpoint_copy-799.pth")
+
+
+def test_moco_v3_weights_stripped_for_deit_need_moco_v3s_heads(tmp_path: Path) -> None:
+    # convert_to_deit.py's file: a MoCo v3 ViT-S base encoder without its projector, as {"model": ...},
+    # MoCo v3's fixed table kept; at ViT-S width (384, 12 heads of 32), one block, 32 px
+    size = {"img_size": 32, "patch_size": 8, "embed_dim": 384, "depth": 1}
+    torch.manual_seed(9)
+    source: Any = timm.create_model("vit_small_patch16_224", num_heads=12, num_classes=0, global_pool="token", **size)
+    with torch.no_grad():
+        source.pos_embed.copy_(sincos_2d_pos_embed((4, 4), 384, order="rows_first"))
+    torch.save({"model": source.state_dict()}, tmp_path / "vit-s-300ep-deit.pth")
+    student = {**TINY_VIT_4X4, "embed_dim": 384, "num_heads": 12}
+    teacher = {"teacher_arch": "vit_small_patch16_224", "image_target": "cls", "backbone_kwargs": student}
+    with pytest.raises(
+        ValueError, match=r"MoCo v3's fixed sin-cos table .* 12 attention heads; this architecture has 6"
+    ):
+        tiny_mimco(**teacher, teacher_weights=str(tmp_path / "vit-s-300ep-deit.pth"), teacher_kwargs=size)
+    module = tiny_mimco(
+        **teacher, teacher_weights=str(tmp_path / "vit-s-300ep-deit.pth"), teacher_kwargs={**size, "num_heads": 12}
+    )
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = source.eval().forward_features(images)
+        torch.testing.assert_close(cast(Any, module.teacher).forward_features(images), expected, atol=1e-6, rtol=0)
+    # a table of another layout (timm's learned one, MAE's) says nothing of the heads: timm's 6 load as asked
+    with torch.no_grad():
+        source.pos_embed.copy_(sincos_2d_pos_embed((4, 4), 384))  # columns first
+    torch.save({"model": source.state_dict()}, tmp_path / "other.pth")
+    other = tiny_mimco(**teacher, teacher_weights=str(tmp_path / "other.pth"), teacher_kwargs=size)
+    assert cast(Any, other.teacher).blocks[0].attn.num_heads == 6

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -12,6 +12,7 @@ from lightning_mim.checkpoint.files import load_checkpoint, torch_load_weights
 from lightning_mim.checkpoint.meta import read_meta
 from lightning_mim.checkpoint.weights import load_weights_file
 from lightning_mim.methods.settings import MOCOV3_OPTIM, MOCOV3_VIT_HEADS
+from lightning_mim.nn.pos_embed import sincos_order_of
 from lightning_mim.nn.timm_models import TimmArgs, create_timm_model
 from lightning_mim.optim import optim_config
 
@@ -204,6 +205,8 @@ def build_mimco_teacher(
                     "teacher_ckpt, which builds MoCo v3's architecture (12 heads for vit_small) and its projector"
                 ) from err
             raise
+        hint = "pass teacher_kwargs {num_heads: %d}, or the original MoCo v3 checkpoint as teacher_ckpt"
+        check_mocov3_heads(teacher, f"MimCoModule(teacher_weights={str(weights)!r})", hint)
         return teacher.requires_grad_(False).eval(), None
     if allow_random_teacher:
         from lightning_mim.methods.moco import MoCoV3Module
@@ -211,6 +214,32 @@ def build_mimco_teacher(
         stage1 = MoCoV3Module(backbone, backbone_kwargs)
         return stage1.encoder().requires_grad_(False).eval(), stage1.projector.requires_grad_(False).eval()
     raise ValueError(f"MimCo needs a frozen contrastive teacher: no teacher_ckpt given; {_STAGE1_HINT}")
+
+
+#: Widths at which MoCo v3's ViT (``vits.py``) has other heads than timm's: its ViT-S, 12 (timm's: 6).
+MOCOV3_HEADS_BY_WIDTH = {384: 12}
+
+
+def check_mocov3_heads(model: nn.Module, owner: str, hint: str) -> None:
+    """Refuses a MoCo v3 ViT built with timm's heads instead of MoCo v3's; ``hint % heads`` says what to do.
+
+    Bare weights do not say their heads, and a 6-head and a 12-head ViT-S have the same tensors. But
+    MoCo v3 fixes the position table to its sin-cos layout (rows first; MAE's and timm's differ), so
+    weights that carry it come from MoCo v3 (for example through its ``convert_to_deit.py``).
+    """
+    table, patch_embed = getattr(model, "pos_embed", None), getattr(model, "patch_embed", None)
+    if not isinstance(table, torch.Tensor) or patch_embed is None or not hasattr(model, "blocks"):
+        return
+    grid = (int(patch_embed.grid_size[0]), int(patch_embed.grid_size[1]))
+    width, heads = int(table.shape[-1]), int(cast(Any, model).blocks[0].attn.num_heads)
+    expected = MOCOV3_HEADS_BY_WIDTH.get(width)
+    if expected is None or heads == expected or sincos_order_of(table, grid) != "rows_first":
+        return
+    raise ValueError(
+        f"{owner}: its pos_embed is MoCo v3's fixed sin-cos table (rows first), so these are MoCo v3 ViT weights, "
+        f"whose {width}-wide ViT has {expected} attention heads; this architecture has {heads}, which would load "
+        f"without an error and compute wrongly: {hint % expected}"
+    )
 
 
 def check_teacher_grid(owner: str, teacher: Any, student: Any) -> None:
