@@ -366,7 +366,7 @@ def test_one_conmim_file_fills_both_branches_and_a_teacher_needs_conmim(tmp_path
 def test_moco_v3_weights_stripped_for_deit_need_moco_v3s_heads(tmp_path: Path) -> None:
     # convert_to_deit.py's file: a MoCo v3 ViT-S base encoder without its projector, as {"model": ...},
     # MoCo v3's fixed table kept; at ViT-S width (384, 12 heads of 32), one block, 32 px
-    size = {"img_size": 32, "patch_size": 8, "embed_dim": 384, "depth": 1}
+    size: dict[str, Any] = {"img_size": 32, "patch_size": 8, "embed_dim": 384, "depth": 1}
     torch.manual_seed(9)
     source: Any = timm.create_model("vit_small_patch16_224", num_heads=12, num_classes=0, global_pool="token", **size)
     with torch.no_grad():
