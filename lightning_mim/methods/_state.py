@@ -14,11 +14,13 @@ from typing import Any, Protocol
 
 import lightning.pytorch as pl
 
-from lightning_mim.checkpoint.meta import read_meta, write_meta
+from lightning_mim.checkpoint.files import load_checkpoint
+from lightning_mim.checkpoint.meta import encoder_meta, read_meta, write_meta
 from lightning_mim.optim import OptimConfig, optim_config, resumable_optim
 
 __all__ = [
     "load_method_state",
+    "load_start_weights",
     "record_hparams",
     "rename_state_prefix",
     "restore_optim",
@@ -67,6 +69,52 @@ class _Stateful(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+def load_start_weights(module: pl.LightningModule, weights: str | None, method: str) -> None:
+    """Starts ``module`` from the weights of a checkpoint of the same method: its ``weights`` argument.
+
+    Weights only: the optimiser, the schedule and the step count start anew (a resume, ``ckpt_path``,
+    then replaces them all). The checkpoint is a lightning-mim one of ``method``, a converted official
+    one included (``lightning-mim convert``); its encoders must have been built with the same timm
+    arguments as ``module``'s (heads included, which weight shapes cannot tell), and every tensor must
+    have its place. Call it last in ``__init__``; the path goes to the checkpoint's ``started_from``.
+    """
+    if weights is None:
+        return
+    owner = f"{type(module).__name__}(weights={weights!r})"
+    checkpoint = load_checkpoint(weights, f"{owner}: checkpoint")
+    try:
+        meta = read_meta(checkpoint, method)
+    except ValueError as err:
+        raise ValueError(f"{owner}: {err}") from err
+    if hasattr(module, "export_encoders") and isinstance(meta.get("encoders"), dict):
+        ours = encoder_meta(module)["encoders"]
+        for which, entry in meta["encoders"].items():
+            built = ours.get(which)
+            if built is None:
+                continue
+            written, have = _with_heads(entry), _with_heads(built)
+            if written != have:
+                raise ValueError(
+                    f"{owner}: its {which} encoder is {written[0]}({written[1]}), this module builds "
+                    f"{have[0]}({have[1]}); build the module with the checkpoint's backbone and backbone_kwargs "
+                    "(its hyper_parameters)"
+                )
+    try:
+        module.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as err:  # missing, unexpected or mis-shaped tensors
+        detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
+        raise ValueError(f"{owner}: its weights do not fit this module: {detail}") from err
+    module._started_from = str(weights)  # type: ignore[assignment]
+
+
+def _with_heads(entry: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """An encoder entry's (arch, timm arguments) with its heads made explicit (timm's default when unset)."""
+    from lightning_mim.methods.teachers import timm_heads
+
+    arch, args = str(entry["arch"]), dict(entry["model_args"])
+    return arch, {**args, "num_heads": timm_heads(arch, args)}
+
+
 def save_method_state(
     checkpoint: dict[str, Any],
     method: str,
@@ -80,6 +128,9 @@ def save_method_state(
     any further plain-typed ``entries``.
     """
     states = {name: stream.state_dict() for name, stream in (streams or {}).items()}
+    started = getattr(module, "_started_from", None)
+    if started is not None:  # the weights it started from (load_start_weights)
+        entries = {"started_from": started, **entries}
     write_meta(checkpoint, method, module=module, **states, **entries)
 
 

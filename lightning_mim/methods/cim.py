@@ -34,7 +34,7 @@ from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView, MAEV
 from lightning_mim.losses import window_normalize
 from lightning_mim.masking import BlockMasking, MaskGenerator
 from lightning_mim.methods._parts import LossTerms, MaskDraws, checked_normalization, eval_views, pick_encoder
-from lightning_mim.methods._state import load_method_state, record_hparams, save_method_state
+from lightning_mim.methods._state import load_method_state, load_start_weights, record_hparams, save_method_state
 from lightning_mim.methods._validation import check_mask_count, check_mask_grid, check_non_negative, check_positive
 from lightning_mim.methods.settings import CIM_OPTIM
 from lightning_mim.methods.tokenizer import frozen_tokenizer
@@ -84,6 +84,10 @@ class CIMModule(pl.LightningModule):
             checkpointing): much less activation memory for about a third more compute (ViT-L).
         mean: Normalisation mean (of images in [0, 1]).
         std: Normalisation std.
+        weights: Start from the weights of a checkpoint of this method (a converted official one, from
+            ``lightning-mim convert``, or one of ours): weights only, a new optimiser and schedule. The
+            checkpoint's encoders must match this module's architecture. Not recorded in hparams (the
+            checkpoints hold the weights; their ``started_from`` names the file).
     """
 
     def __init__(
@@ -107,9 +111,10 @@ class CIMModule(pl.LightningModule):
         grad_checkpointing: bool = False,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        weights: str | None = None,
     ) -> None:
         super().__init__()
-        self.optim = record_hparams(self, optim, ignore=["tokenizer", "masking"])
+        self.optim = record_hparams(self, optim, ignore=["tokenizer", "masking", "weights"])
         owner = type(self).__name__
         check_positive(owner, temperature=temperature, clip_grad_norm=clip_grad_norm)
         check_non_negative(owner, enhancer_weight=enhancer_weight)
@@ -162,8 +167,10 @@ class CIMModule(pl.LightningModule):
             network.set_grad_checkpointing(grad_checkpointing)
         self._masks = MaskDraws(Stream.CIM_MASKS)
         self._sample_stream = CountedStream(Stream.CIM_SAMPLES)
+        load_start_weights(self, weights, "cim")
 
-    # ----------------------------------------------------------------------------------- parts
+        # ----------------------------------------------------------------------------------- parts
+
     def train(self, mode: bool = True) -> CIMModule:
         """Sets train/eval mode; the tokenizer stays in eval mode (frozen codebook and norms)."""
         super().train(mode)

@@ -44,7 +44,13 @@ from lightning_mim.methods._parts import (
     pick_encoder,
     sync_batchnorm_on_gpus,
 )
-from lightning_mim.methods._state import load_method_state, record_hparams, restore_optim, save_method_state
+from lightning_mim.methods._state import (
+    load_method_state,
+    load_start_weights,
+    record_hparams,
+    restore_optim,
+    save_method_state,
+)
 from lightning_mim.methods._validation import (
     check_choice,
     check_contrastive_batch,
@@ -108,6 +114,10 @@ class CMAEModule(pl.LightningModule):
         grad_checkpointing: Recompute the online encoder's blocks in the backward pass (less memory).
         mean: Normalisation mean (of images in [0, 1]).
         std: Normalisation std.
+        weights: Start from the weights of a checkpoint of this method (a converted official one, from
+            ``lightning-mim convert``, or one of ours): weights only, a new optimiser and schedule. The
+            checkpoint's encoders must match this module's architecture. Not recorded in hparams (the
+            checkpoints hold the weights; their ``started_from`` names the file).
     """
 
     def __init__(
@@ -134,9 +144,10 @@ class CMAEModule(pl.LightningModule):
         grad_checkpointing: bool = False,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        weights: str | None = None,
     ) -> None:
         super().__init__()
-        self.optim = record_hparams(self, optim, ignore=["masking"])
+        self.optim = record_hparams(self, optim, ignore=["masking", "weights"])
         owner = type(self).__name__
         check_positive(owner, temperature=temperature, decoder_dim=decoder_dim, decoder_heads=decoder_heads)
         check_positive(owner, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim)
@@ -175,6 +186,7 @@ class CMAEModule(pl.LightningModule):
         self.sync_batchnorm, self.use_compile = sync_batchnorm, compile
         self.online_encoder.set_grad_checkpointing(grad_checkpointing)
         self._masks = MaskDraws(Stream.CMAE_MASKS)
+        load_start_weights(self, weights, self._method)
 
     def build_decoder(self, depth: int, out_dim: int) -> nn.Module:
         """An MAE decoder of ``depth`` blocks: visible tokens to ``out_dim`` per patch (pixels P*P*3, or features)."""

@@ -35,7 +35,13 @@ from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, ConMIMViews, E
 from lightning_mim.losses import patch_contrastive_loss
 from lightning_mim.masking import BlockMasking, MaskGenerator
 from lightning_mim.methods._parts import LossTerms, MaskDraws, checked_normalization, eval_views, pick_encoder
-from lightning_mim.methods._state import load_method_state, record_hparams, restore_optim, save_method_state
+from lightning_mim.methods._state import (
+    load_method_state,
+    load_start_weights,
+    record_hparams,
+    restore_optim,
+    save_method_state,
+)
 from lightning_mim.methods._validation import (
     check_choice,
     check_crop_scale,
@@ -112,6 +118,10 @@ class ConMIMModule(pl.LightningModule):
         crop_scale: Area range of the shared random resized crop (official: (0.08, 1)).
         mean: Normalisation mean (of images in [0, 1]).
         std: Normalisation std.
+        weights: Start from the weights of a checkpoint of this method (a converted official one, from
+            ``lightning-mim convert``, or one of ours): weights only, a new optimiser and schedule. The
+            checkpoint's encoders must match this module's architecture. Not recorded in hparams (the
+            checkpoints hold the weights; their ``started_from`` names the file).
     """
 
     def __init__(
@@ -133,9 +143,10 @@ class ConMIMModule(pl.LightningModule):
         crop_scale: tuple[float, float] = (0.08, 1.0),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        weights: str | None = None,
     ) -> None:
         super().__init__()
-        self.optim = record_hparams(self, optim, ignore=["masking"])
+        self.optim = record_hparams(self, optim, ignore=["masking", "weights"])
         owner = type(self).__name__
         check_choice(owner, ("student", "teacher"), eval_encoder=eval_encoder)
         check_choice(owner, ("official", "timm"), init=init)
@@ -165,6 +176,7 @@ class ConMIMModule(pl.LightningModule):
         self.eval_encoder = eval_encoder
         self.image_size: int = int(encoder.vit.patch_embed.img_size[0])
         self._masks = MaskDraws(Stream.CONMIM_MASKS)
+        load_start_weights(self, weights, "conmim")
 
     def build_projector(self, in_dim: int) -> nn.Module:
         """The token projector of student and teacher: (..., in_dim) -> (..., out_dim).

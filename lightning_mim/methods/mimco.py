@@ -31,7 +31,13 @@ from lightning_mim.data.views import IMAGENET_MEAN, IMAGENET_STD, EvalView, MAEV
 from lightning_mim.losses import info_nce, patch_contrastive_loss
 from lightning_mim.masking import MaskGenerator, RandomMasking
 from lightning_mim.methods._parts import LossTerms, MaskDraws, checked_normalization, eval_views, pick_encoder
-from lightning_mim.methods._state import load_method_state, record_hparams, restore_optim, save_method_state
+from lightning_mim.methods._state import (
+    load_method_state,
+    load_start_weights,
+    record_hparams,
+    restore_optim,
+    save_method_state,
+)
 from lightning_mim.methods._validation import (
     check_contrastive_batch,
     check_mask_count,
@@ -96,6 +102,10 @@ class MimCoModule(pl.LightningModule):
             checkpointing): much less activation memory for about a third more compute (ViT-L).
         mean: Normalisation mean (of images in [0, 1]).
         std: Normalisation std.
+        weights: Start from the weights of a checkpoint of this method (a converted official one, from
+            ``lightning-mim convert``, or one of ours): weights only, a new optimiser and schedule. The
+            checkpoint's encoders must match this module's architecture. Not recorded in hparams (the
+            checkpoints hold the weights; their ``started_from`` names the file).
     """
 
     def __init__(
@@ -123,9 +133,10 @@ class MimCoModule(pl.LightningModule):
         grad_checkpointing: bool = False,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        weights: str | None = None,
     ) -> None:
         super().__init__()
-        self.optim = record_hparams(self, optim, ignore=["masking"])
+        self.optim = record_hparams(self, optim, ignore=["masking", "weights"])
         owner = type(self).__name__
         check_positive(owner, patch_temperature=patch_temperature, image_temperature=image_temperature)
         check_positive(owner, patch_hidden_dim=patch_hidden_dim, proj_hidden_dim=proj_hidden_dim)
@@ -168,6 +179,7 @@ class MimCoModule(pl.LightningModule):
         self.student.set_grad_checkpointing(grad_checkpointing)
         self.image_size = int(self.student.vit.patch_embed.img_size[0])
         self._masks = MaskDraws(Stream.MIMCO_MASKS)
+        load_start_weights(self, weights, "mimco")
 
     def build_patch_head(self, in_dim: int, out_dim: int) -> nn.Module:
         """Student patch tokens (..., in_dim) -> teacher patch features (..., out_dim): DEFAULT LayerNorm + MLP."""

@@ -40,7 +40,13 @@ from lightning_mim.methods._parts import (
     pick_encoder,
     sync_batchnorm_on_gpus,
 )
-from lightning_mim.methods._state import load_method_state, record_hparams, restore_optim, save_method_state
+from lightning_mim.methods._state import (
+    load_method_state,
+    load_start_weights,
+    record_hparams,
+    restore_optim,
+    save_method_state,
+)
 from lightning_mim.methods._validation import check_choice, check_contrastive_batch, check_momenta, check_positive
 from lightning_mim.methods.settings import MOCOV3_OPTIM, MOCOV3_VIT_HEADS
 from lightning_mim.methods.teachers import add_predictor_bn_statistics, check_encoder_args, mocov3_backbone_kwargs
@@ -94,6 +100,10 @@ class MoCoV3Module(pl.LightningModule):
             checkpointing): much less activation memory for about a third more compute (ViT-L).
         mean: Normalisation mean (of images in [0, 1]).
         std: Normalisation std.
+        weights: Start from the weights of a checkpoint of this method (a converted official one, from
+            ``lightning-mim convert``, or one of ours): weights only, a new optimiser and schedule. The
+            checkpoint's encoders must match this module's architecture. Not recorded in hparams (the
+            checkpoints hold the weights; their ``started_from`` names the file).
     """
 
     def __init__(
@@ -114,9 +124,10 @@ class MoCoV3Module(pl.LightningModule):
         grad_checkpointing: bool = False,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        weights: str | None = None,
     ) -> None:
         super().__init__()
-        self.optim = record_hparams(self, optim)
+        self.optim = record_hparams(self, optim, ignore=["weights"])
         owner = type(self).__name__
         check_choice(owner, ("official", "timm"), init=init)
         check_positive(owner, temperature=temperature, proj_hidden_dim=proj_hidden_dim, proj_dim=proj_dim)
@@ -149,6 +160,7 @@ class MoCoV3Module(pl.LightningModule):
         encoder.set_grad_checkpointing(grad_checkpointing)  # the base encoder (the momentum copy is no-grad)
         self.image_size = int(encoder.patch_embed.img_size[0])
         self._step_stream = CountedStream(Stream.STEPS)
+        load_start_weights(self, weights, "mocov3")
 
     def build_projector(self, in_dim: int) -> nn.Module:
         """The projector of both branches (the momentum branch gets a copy): MoCo v3's 3-layer BatchNorm MLP."""
