@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import torch
@@ -146,13 +147,14 @@ def test_print_config_round_trips(tmp_path: Path) -> None:
     assert cli.model.temperature == pytest.approx(0.1)
 
 
-def run_quickstart(config: str) -> LightningMIMCLI:
-    """A quickstart config, shortened to 3 steps on a subset; run in the current directory."""
+def run_quickstart(config: str, *extra: str) -> LightningMIMCLI:
+    """A quickstart config, shortened to 3 steps on a subset, with `extra` arguments; run in the current directory."""
     args = [
         "fit", "--config", str(ROOT / "configs/quickstart" / config),
         "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
         "--trainer.logger", "false", "--trainer.default_root_dir", "run",
         "--data.train_size", "512", "--data.val_size", "100", "--data.batch_size", "32", "--data.num_workers", "0",
+        *extra,
     ]  # fmt: skip
     return LightningMIMCLI(args=args)
 
@@ -191,6 +193,24 @@ def test_mimco_quickstart_two_stages(tmp_path: Path, monkeypatch: pytest.MonkeyP
     stage1 = torch.load(tmp_path / "runs/quickstart/mocov3/checkpoints/last.ckpt", weights_only=True)["state_dict"]
     teacher = cli.model.teacher.state_dict()
     assert all(torch.equal(v, stage1[f"base.encoder.{k}"]) for k, v in teacher.items())
+
+
+def test_mimco_quickstart_from_an_official_mocov3_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stage 2 alone: the quickstart's MimCo with an official-layout MoCo v3 ViT-S of the quickstart's size."""
+    from .test_convert import official_file
+
+    monkeypatch.chdir(tmp_path)
+    size = {"img_size": 32, "patch_size": 8, "embed_dim": 192, "depth": 6}  # the quickstart's grid and width
+    official = official_file(tmp_path / "vit-s-300ep.pth.tar", size=size, hidden=1024, out=256)
+    cli = run_quickstart("mimco.yaml", "--model.teacher_ckpt", "vit-s-300ep.pth.tar")
+    assert cli.trainer.global_step == 3 and not (tmp_path / "runs/quickstart/mocov3").exists()
+    metrics = cli.trainer.callback_metrics
+    assert torch.isfinite(metrics["train/loss_patch"]) and torch.isfinite(metrics["train/loss_image"])
+    check_knn_history(cli)
+    base = {k: v for k, v in official.base_encoder.state_dict().items() if not k.startswith("head.")}
+    teacher = cli.model.teacher.state_dict()
+    assert teacher.keys() == base.keys() and all(torch.equal(teacher[k], v) for k, v in base.items())
+    assert cast(Any, cli.model.teacher).blocks[0].attn.num_heads == 12  # MoCo v3's ViT-S, from the file's arch
 
 
 def test_cim_recipe_without_a_tokenizer_says_how_to_get_one(tmp_path: Path) -> None:

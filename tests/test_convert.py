@@ -42,19 +42,24 @@ def build_mlp(num_layers: int, in_dim: int, hidden: int, out: int) -> nn.Sequent
 
 
 class OfficialMoCoViT(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, size: dict[str, Any], hidden: int, out: int) -> None:
         super().__init__()
-        vit: Any = timm.create_model("vit_small_patch16_224", num_heads=12, num_classes=0, global_pool="token", **SIZE)
-        vit.head = build_mlp(3, SIZE["embed_dim"], HIDDEN, OUT)
+        vit: Any = timm.create_model("vit_small_patch16_224", num_heads=12, num_classes=0, global_pool="token", **size)
+        vit.head = build_mlp(3, size["embed_dim"], hidden, out)
         self.base_encoder: Any = vit
         self.momentum_encoder: Any = copy.deepcopy(vit)
-        self.predictor = build_mlp(2, OUT, HIDDEN, OUT)
+        self.predictor = build_mlp(2, out, hidden, out)
 
 
-def official_file(path: Path, arch: str = "vit_small") -> OfficialMoCoViT:
-    """Writes a MoCo v3 checkpoint as main_moco.py saves it; every tensor random (pos_embed, BN statistics)."""
+def official_file(
+    path: Path, arch: str = "vit_small", size: dict[str, Any] | None = None, hidden: int = HIDDEN, out: int = OUT
+) -> OfficialMoCoViT:
+    """Writes a MoCo v3 checkpoint as main_moco.py saves it; every tensor random (pos_embed, BN statistics).
+
+    A ViT-S (12 heads) of ``size`` (default ``SIZE``) with a projector and predictor of ``hidden`` and ``out``.
+    """
     torch.manual_seed(1)
-    model = OfficialMoCoViT()
+    model = OfficialMoCoViT(size or SIZE, hidden, out)
     with torch.no_grad():
         for tensor in itertools.chain(model.parameters(), model.buffers()):
             if tensor.is_floating_point():
