@@ -278,3 +278,40 @@ def test_other_cmae_files_are_refused_with_the_reason(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"mmengine training checkpoint .*tools/extract_backbone_weights\.py"):
         convert(tmp_path / "epoch_1.pth", tmp_path / "x.ckpt")
     assert not (tmp_path / "x.ckpt").exists()
+
+
+def mmcv_name(key: str) -> str:
+    """A timm ViT key under CMAE's mmcv names (the reverse of the converter's mapping, written out here)."""
+    key = key.replace("patch_embed.proj.", "patch_embed.projection.")
+    if key.startswith("norm."):
+        return "ln1." + key[len("norm.") :]
+    if not key.startswith("blocks."):
+        return key
+    _, index, rest = key.split(".", 2)
+    for timm_name, mmcv in (
+        ("norm1.", "ln1."),
+        ("norm2.", "ln2."),
+        ("mlp.fc1.", "ffn.layers.0.0."),
+        ("mlp.fc2.", "ffn.layers.1."),
+    ):
+        rest = mmcv + rest[len(timm_name) :] if rest.startswith(timm_name) else rest
+    return f"layers.{index}.{rest}"
+
+
+@pytest.mark.slow  # three ViT-B models: about 40 s
+def test_the_readme_commands_take_a_converted_cmae_release(tmp_path: Path) -> None:
+    from lightning_mim.cli import LightningMIMCLI
+
+    source = CMAEModule(decoder_depth=1, feature_decoder_depth=1).online_encoder.vit  # ViT-B/16, 224 px
+    state = {mmcv_name(k): v for k, v in source.state_dict().items()}
+    torch.save({"state_dict": state, "author": "CMAE"}, tmp_path / "cmae_vit-base-p16_32xb128-coslr-1600e_in1k.pth")
+    converted = convert(tmp_path / "cmae_vit-base-p16_32xb128-coslr-1600e_in1k.pth", tmp_path / "cmae_vitb.ckpt")
+    root = Path(__file__).resolve().parents[1]
+    for config in ("cmae_vitb.yaml", "finetune_vitb.yaml"):  # continue pre-training; fine-tune
+        args = ["--config", str(root / "configs" / config), "--data.root", str(tmp_path), "--trainer.logger", "false"]
+        cli = LightningMIMCLI(args=[*args, "--model.weights", str(converted)], run=False)
+        encoder = cast(Any, cli.model).online_encoder.vit if config == "cmae_vitb.yaml" else cast(Any, cli.model).model
+        loaded = encoder.state_dict()
+        shared = [k for k in source.state_dict() if k in loaded and not k.startswith("norm.")]
+        assert len(shared) == 4 + 12 * 12  # tokens, table, patch embedding; 12 blocks of 12 tensors
+        assert all(torch.equal(loaded[k], source.state_dict()[k]) for k in shared)
