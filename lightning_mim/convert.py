@@ -5,7 +5,7 @@ module it corresponds to, loads them into that module strictly (every tensor mus
 every place a tensor), and writes a lightning-mim checkpoint. MimCo's ``teacher_ckpt``, fine-tuning,
 linear probing and ``lightning-mim export`` read it like one of their own; MimCo's ``teacher_ckpt``
 also takes the official file directly (:func:`detect_format`). The converted checkpoint holds weights
-only: continuing pre-training from it starts a new optimizer.
+only: the methods' ``weights`` argument continues pre-training from it with a new optimiser.
 
 MoCo v3 (facebookresearch/moco-v3, ``main_moco.py``: ``save_checkpoint``) writes ``{"epoch", "arch",
 "state_dict", "optimizer", "scaler"}``; ``state_dict`` is the DDP-wrapped model's, so every key starts
