@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import copy
 import datetime
 import itertools
@@ -396,3 +397,21 @@ def test_moco_v3_weights_stripped_for_deit_need_moco_v3s_heads(tmp_path: Path) -
     torch.save({"model": source.state_dict()}, tmp_path / "other.pth")
     other = tiny_mimco(**teacher, teacher_weights=str(tmp_path / "other.pth"), teacher_kwargs=size)
     assert cast(Any, other.teacher).blocks[0].attn.num_heads == 6
+
+
+def test_an_official_file_where_ours_is_expected_names_the_convert_command(tmp_path: Path) -> None:
+    official_file(tmp_path / "vit-s-300ep.pth.tar")
+    src = tmp_path / "vit-s-300ep.pth.tar"
+    command = (
+        rf"is an official mocov3 checkpoint, not a lightning-mim one; convert it first: lightning-mim convert mocov3 "
+    )
+    command += re.escape(str(src))
+    with pytest.raises(ValueError, match=command):
+        FineTuneModule(str(src), num_classes=10, image_size=32)
+    with pytest.raises(ValueError, match=command):
+        to_timm(src, tmp_path / "export")
+    with pytest.raises(ValueError, match=command):
+        tiny_conmim(weights=str(src))
+    mae_file(tmp_path / "checkpoint-799.pth")  # its args Namespace stops the plain weights-only load first
+    with pytest.raises(ValueError, match=r"argparse.Namespace.*official MAE and ConMIM checkpoints hold one"):
+        LinearProbeModule(str(tmp_path / "checkpoint-799.pth"), num_classes=10, image_size=32)

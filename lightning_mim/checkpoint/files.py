@@ -44,10 +44,15 @@ def torch_load_weights(path: Path) -> Any:
                 f"{path} is not a readable checkpoint (UnpicklingError: {detail}); is it a file written by "
                 "torch.save / Lightning, complete and uncorrupted?"
             ) from err
+        official = (
+            " (official MAE and ConMIM checkpoints hold one: `lightning-mim convert` reads them)"
+            if "argparse.Namespace" in detail
+            else ""
+        )
         raise ValueError(
             f"{path} is not a readable checkpoint: it holds pickled Python objects other than tensors and plain "
-            f"types ({detail}). lightning-mim loads with weights_only=True and never unpickles them, since that "
-            "could run code from the file; re-save it with tensors and plain types"
+            f"types ({detail}){official}. lightning-mim loads with weights_only=True and never unpickles them, "
+            "since that could run code from the file; re-save it with tensors and plain types"
         ) from err
     except Exception as err:  # corrupt, truncated or not written by torch.save: many exception types
         raise ValueError(
@@ -56,18 +61,22 @@ def torch_load_weights(path: Path) -> Any:
         ) from err
 
 
-def load_checkpoint(path: str | Path, what: str = "checkpoint", hint: str = "") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, what: str = "checkpoint", hint: str = "", official: bool = False
+) -> dict[str, Any]:
     """A Lightning checkpoint loaded with ``weights_only=True`` (pickled code is never run).
 
     Args:
         path: Checkpoint file.
         what: What the file is for, in error messages (e.g. "teacher checkpoint").
         hint: Appended to the not-found error (how to get the file).
+        official: Return an official checkpoint (:func:`lightning_mim.convert.detect_format`) too; by
+            default it is refused, naming the ``lightning-mim convert`` command that reads it.
 
     Raises:
         FileNotFoundError: No such file.
         ValueError: A directory, empty, unreadable (corrupt, or holding objects other than tensors and
-            plain types), or not a Lightning checkpoint.
+            plain types), an official checkpoint not asked for, or not a Lightning checkpoint.
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -75,6 +84,15 @@ def load_checkpoint(path: str | Path, what: str = "checkpoint", hint: str = "") 
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}" + (f"; {hint}" if hint else ""))
     checkpoint = torch_load_weights(path)
+    if isinstance(checkpoint, dict) and not official:
+        from lightning_mim.convert import detect_format
+
+        found = detect_format(checkpoint)
+        if found is not None:
+            raise ValueError(
+                f"{what} {path} is an official {found} checkpoint, not a lightning-mim one; convert it first: "
+                f"lightning-mim convert {found} {path} OUT.ckpt"
+            )
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
         raise ValueError(f"{path} is not a Lightning checkpoint (no state_dict)")
     return checkpoint

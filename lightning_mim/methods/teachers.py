@@ -136,7 +136,7 @@ def load_mocov3_teacher(path: str | Path) -> MoCoV3Module:
     from lightning_mim.convert import detect_format, mocov3_module
     from lightning_mim.methods.moco import MoCoV3Module
 
-    checkpoint = load_checkpoint(path, "teacher checkpoint", _STAGE1_HINT)
+    checkpoint = load_checkpoint(path, "teacher checkpoint", _STAGE1_HINT, official=True)
     if detect_format(checkpoint) == "mocov3":
         return mocov3_module(checkpoint, f"teacher checkpoint {path}").requires_grad_(False).eval()
     read_meta(checkpoint, "mocov3")  # a clear error for another method's checkpoint
