@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import re
 import copy
 import datetime
 import itertools
+import re
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -403,7 +403,7 @@ def test_an_official_file_where_ours_is_expected_names_the_convert_command(tmp_p
     official_file(tmp_path / "vit-s-300ep.pth.tar")
     src = tmp_path / "vit-s-300ep.pth.tar"
     command = (
-        rf"is an official mocov3 checkpoint, not a lightning-mim one; convert it first: lightning-mim convert mocov3 "
+        r"is an official mocov3 checkpoint, not a lightning-mim one; convert it first: lightning-mim convert mocov3 "
     )
     command += re.escape(str(src))
     with pytest.raises(ValueError, match=command):
