@@ -123,7 +123,8 @@ def draw_panels(name: str, grids: list[Path], out: Path) -> None:
         if not tile.is_integer():
             raise SystemExit(f"make_figures: {path} is {width} px wide, not {len(columns)} columns {columns}")
         ax.imshow(image, interpolation="nearest")
-        ax.set_xticks([1 + (tile + 1) * (i + 0.5) for i in range(len(columns))], columns, fontsize=8)
+        ax.set_xticks([1 + (tile + 1) * (i + 0.5) for i in range(len(columns))], columns, fontsize=8, rotation=30)
+        plt.setp(ax.get_xticklabels(), ha="left", rotation_mode="anchor")
         ax.xaxis.tick_top()
         ax.set_yticks([])
         step = int(path.stem.split("_")[1])
