@@ -536,10 +536,10 @@ def _load_official(src: str | Path) -> dict[str, Any]:
         if "mmengine" not in str(err):
             raise
         raise ValueError(
-            f"{err}. It is an mmengine training checkpoint (CMAE's Runner saves its log objects too). Save its "
-            "weights alone where mmengine is installed and convert that file: CMAE's "
-            "tools/extract_backbone_weights.py (the encoder), or torch.save({'state_dict': torch.load(SRC, "
-            "weights_only=False)['state_dict']}, DST) for every part"
+            f"{err}. It is an mmengine training checkpoint (CMAE's Runner saves its log objects too). If you "
+            "trust the file (reading those objects unpickles it, which can run code), extract its weights where "
+            "mmengine is installed with CMAE's tools/extract_backbone_weights.py (the encoder) and convert that "
+            "file; or save its 'state_dict' entry alone, for every part"
         ) from err
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} is not a checkpoint: it holds a {type(checkpoint).__name__}, not a dict")
